@@ -1,0 +1,184 @@
+"""The interface every model family implements, and the network pieces they share.
+
+A model is a plain ``torch.nn.Module`` built from a dictionary of hyper-parameters
+(``model.hparams``), so that a bundle can rebuild it without pickling. Every family answers:
+
+- :meth:`PerturbationModel.loss` — negative ELBO per cell for a mini-batch, with its terms;
+- :meth:`PerturbationModel.sample_globals` — draws of the global latents from the guide;
+- :meth:`PerturbationModel.predict` — posterior-predictive decoder output for dosage rows;
+- :meth:`PerturbationModel.log_weights` — importance weights for the held-out IWELBO;
+- :meth:`PerturbationModel.latent` — posterior latent means of cells;
+- :meth:`PerturbationModel.mask_probs` — mask probabilities where the family has masks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from sams_core.distributions import Likelihood
+
+
+@dataclass
+class Batch:
+    """A mini-batch on the model's device: expression, dosage rows, library sizes, condition ids.
+
+    ``cond`` indexes the model's condition vocabulary (sVAE+); -1 marks controls or unknown
+    conditions.
+    """
+
+    x: torch.Tensor
+    d: torch.Tensor
+    library: torch.Tensor
+    cond: torch.Tensor
+
+    @property
+    def size(self) -> int:
+        return int(self.x.shape[0])
+
+
+@dataclass
+class LossOutput:
+    """Negative ELBO per cell (to minimise) and its terms (per-cell means, detached)."""
+
+    loss: torch.Tensor
+    terms: dict[str, torch.Tensor]
+
+
+def mlp(n_in: int, n_hidden: int, n_out: int, n_layers: int = 1, dropout: float = 0.0) -> nn.Sequential:
+    """A feed-forward net with ``n_layers`` hidden layers of width ``n_hidden`` (LayerNorm + SiLU)."""
+    layers: list[nn.Module] = []
+    width = n_in
+    for _ in range(n_layers):
+        layers += [nn.Linear(width, n_hidden), nn.LayerNorm(n_hidden), nn.SiLU()]
+        if dropout > 0:
+            layers.append(nn.Dropout(dropout))
+        width = n_hidden
+    layers.append(nn.Linear(width, n_out))
+    return nn.Sequential(*layers)
+
+
+class SplitInputMLP(nn.Module):
+    """An MLP on the concatenation [a, b] whose first layer is split as W_a a + W_b b.
+
+    ``a`` (e.g. a cell's expression) can then be projected once and shared across particles
+    while ``b`` (e.g. a sampled latent shift) varies per particle: the work on ``a`` is not
+    repeated.
+    """
+
+    def __init__(self, n_a: int, n_b: int, n_hidden: int, n_out: int, n_layers: int = 1):
+        super().__init__()
+        if n_layers < 1:
+            raise ValueError("n_layers must be at least 1")
+        self.proj_a = nn.Linear(n_a, n_hidden)
+        self.proj_b = nn.Linear(n_b, n_hidden, bias=False) if n_b > 0 else None
+        rest: list[nn.Module] = [nn.LayerNorm(n_hidden), nn.SiLU()]
+        for _ in range(n_layers - 1):
+            rest += [nn.Linear(n_hidden, n_hidden), nn.LayerNorm(n_hidden), nn.SiLU()]
+        rest.append(nn.Linear(n_hidden, n_out))
+        self.rest = nn.Sequential(*rest)
+
+    def project_a(self, a: torch.Tensor) -> torch.Tensor:
+        return self.proj_a(a)
+
+    def forward_from(self, ha: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+        """Finish the forward pass from a projected ``a`` (broadcasts over particle dims of b)."""
+        h = ha if (b is None or self.proj_b is None) else ha + self.proj_b(b)
+        return self.rest(h)
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+        return self.forward_from(self.project_a(a), b)
+
+
+class PerturbationModel(nn.Module):
+    """Common base: input standardisation, likelihood, data statistics and the interface."""
+
+    family: ClassVar[str] = "base"
+    has_masks: ClassVar[bool] = False
+    has_globals: ClassVar[bool] = False
+    composes: ClassVar[bool] = True  # predicts combinations from their members
+
+    def __init__(self, n_genes: int, n_perturbations: int, n_latent: int, likelihood: str, **hparams: Any):
+        super().__init__()
+        self.hparams: dict[str, Any] = {
+            "n_genes": n_genes,
+            "n_perturbations": n_perturbations,
+            "n_latent": n_latent,
+            "likelihood": likelihood,
+            **hparams,
+        }
+        self.n_genes = n_genes
+        self.n_perturbations = n_perturbations
+        self.n_latent = n_latent
+        self.likelihood = Likelihood(likelihood, n_genes)
+        self.register_buffer("input_mean", torch.zeros(n_genes))
+        self.register_buffer("input_std", torch.ones(n_genes))
+        # cells per perturbation in the training split: global terms are charged 1/N_t per cell
+        self.register_buffer("pert_counts", torch.ones(n_perturbations))
+
+    # ---- data statistics -------------------------------------------------------------
+    def encoder_input(self, x: torch.Tensor) -> torch.Tensor:
+        """Standardised encoder input: log1p(counts) (or the log-normalised value), z-scored."""
+        v = torch.log1p(x) if self.likelihood.kind != "gaussian" else x
+        return (v - self.input_mean) / self.input_std
+
+    @torch.no_grad()
+    def set_data_stats(self, input_mean: torch.Tensor, input_std: torch.Tensor, pert_counts: torch.Tensor) -> None:
+        """Store the training split's encoder-input statistics and cells per perturbation."""
+        self.input_mean.copy_(input_mean)
+        self.input_std.copy_(input_std.clamp_min(1e-3))
+        self.pert_counts.copy_(pert_counts.clamp_min(1.0))
+
+    def global_weights(self, d: torch.Tensor) -> torch.Tensor:
+        """Weight of each perturbation's global term in each cell: 1/N_t if the cell got t."""
+        return (d != 0).to(d.dtype) / self.pert_counts
+
+    # ---- interface ----------------------------------------------------------------------
+    def loss(self, batch: Batch, n_particles: int = 5) -> LossOutput:
+        raise NotImplementedError
+
+    def sample_globals(self, n: int) -> dict[str, torch.Tensor]:
+        """``n`` draws of the global latents from the guide.
+
+        Families without global latents return only a placeholder ``draws`` of length ``n`` so
+        that the number of Monte-Carlo draws travels the same way for every family.
+        """
+        return {"draws": torch.zeros(n, device=self.input_mean.device)}
+
+    def mean_globals(self) -> dict[str, torch.Tensor]:
+        """A single representative value of the globals (guide means, most likely masks)."""
+        return self.sample_globals(1)
+
+    def predict(self, d: torch.Tensor, globals_: dict[str, torch.Tensor], n_per_global: int = 1) -> torch.Tensor:
+        """Decoder output [S, R, G] for dosage rows ``d`` [R, T] with z_b from the prior.
+
+        S = (number of global draws) × ``n_per_global``; apply ``likelihood.mean`` to get
+        expected expression.
+        """
+        raise NotImplementedError
+
+    def log_weights(self, batch: Batch, globals_: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Importance log-weights [S, B] of held-out cells, one per global draw in ``globals_``."""
+        raise NotImplementedError
+
+    def latent(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """Posterior latent means of cells: ``basal`` (before the shift) and ``full``."""
+        raise NotImplementedError
+
+    def mask_probs(self) -> torch.Tensor | None:
+        """Probability that each row (perturbation) acts on each latent unit; None without masks."""
+        return None
+
+    def latent_shift(self, d: torch.Tensor) -> torch.Tensor:
+        """Expected latent shift of dosage rows ``d`` [R, T] → [R, K] (zero without one)."""
+        return torch.zeros(d.shape[0], self.n_latent, device=d.device)
+
+    def decode(self, z: torch.Tensor, d: torch.Tensor | None = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def n_prior_draws(self, globals_: dict[str, torch.Tensor]) -> int:
+        """How many global draws a globals dictionary holds."""
+        return int(next(iter(globals_.values())).shape[0])

@@ -1,0 +1,68 @@
+"""Conditional VAE baseline: decoder input [z, d], encoder q(z | x, d), no global latents."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from sams_core.distributions import kl_normal_std_normal, std_normal_log_prob
+from sams_core.models.base import Batch, LossOutput, PerturbationModel, SplitInputMLP
+
+
+class ConditionalVAE(PerturbationModel):
+    """z ~ N(0, I); x ~ likelihood(decoder([z, d])). Perturbations enter only through the decoder."""
+
+    family = "conditional_vae"
+
+    def __init__(
+        self,
+        n_genes: int,
+        n_perturbations: int,
+        n_latent: int = 15,
+        likelihood: str = "nb",
+        n_hidden: int = 350,
+        n_layers: int = 1,
+        **extra: Any,
+    ):
+        super().__init__(n_genes, n_perturbations, n_latent, likelihood, n_hidden=n_hidden, n_layers=n_layers, **extra)
+        self.encoder = SplitInputMLP(n_genes, n_perturbations, n_hidden, 2 * n_latent, n_layers)
+        self.decoder = SplitInputMLP(n_latent, n_perturbations, n_hidden, n_genes, n_layers)
+
+    def decode(self, z: torch.Tensor, d: torch.Tensor | None = None) -> torch.Tensor:
+        if d is None:
+            d = torch.zeros(*z.shape[:-1], self.n_perturbations, device=z.device)
+        return self.decoder(z, d)
+
+    def _encode(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        mean, log_std = self.encoder(self.encoder_input(batch.x), batch.d).chunk(2, dim=-1)
+        return mean, log_std.clamp(-7.0, 3.0)
+
+    def loss(self, batch: Batch, n_particles: int = 5) -> LossOutput:
+        mean, log_std = self._encode(batch)
+        z = mean + torch.exp(log_std) * torch.randn(n_particles, *mean.shape, device=mean.device)
+        out = self.decoder.forward_from(self.decoder.project_a(z), batch.d)
+        log_px = self.likelihood.varying(batch.x, out, torch.log(batch.library)).mean(0) + self.likelihood.constant(batch.x)
+        kl_z = kl_normal_std_normal(mean, log_std).sum(-1)
+        elbo = log_px - kl_z
+        return LossOutput(-elbo.mean(), {"log_px": log_px.mean().detach(), "kl_z": kl_z.mean().detach(), "kl_global": torch.zeros((), device=mean.device)})
+
+    def log_weights(self, batch: Batch, globals_: dict[str, torch.Tensor]) -> torch.Tensor:
+        mean, log_std = self._encode(batch)
+        S = self.n_prior_draws(globals_)
+        eps = torch.randn(S, *mean.shape, device=mean.device)
+        z = mean + torch.exp(log_std) * eps
+        out = self.decode(z, batch.d.expand(S, *batch.d.shape))
+        log_px = self.likelihood.log_prob(batch.x, out, torch.log(batch.library))
+        log_qz = (-0.5 * eps * eps - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
+        return log_px + std_normal_log_prob(z).sum(-1) - log_qz
+
+    def predict(self, d: torch.Tensor, globals_: dict[str, torch.Tensor], n_per_global: int = 1) -> torch.Tensor:
+        S = n_per_global * self.n_prior_draws(globals_)
+        z = torch.randn(S, d.shape[0], self.n_latent, device=d.device)
+        return self.decode(z, d.expand(S, *d.shape))
+
+    def latent(self, batch: Batch) -> dict[str, torch.Tensor]:
+        mean, _ = self._encode(batch)
+        return {"basal": mean, "full": mean}

@@ -1,0 +1,18 @@
+"""CPA-VAE: SAMS-VAE without masks (z = z_b + D E), the additive-shift baseline of the SAMS paper."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sams_core.models.sams_vae import SAMSVAE
+
+
+class CPAVAE(SAMSVAE):
+    """Every perturbation shifts every latent unit by its global embedding e_t ~ N(0, s² I)."""
+
+    family = "cpa_vae"
+    has_masks = False
+
+    def __init__(self, n_genes: int, n_perturbations: int, n_latent: int = 15, likelihood: str = "nb", **kw: Any):
+        kw.pop("mask_prior", None)
+        super().__init__(n_genes, n_perturbations, n_latent, likelihood, **kw)

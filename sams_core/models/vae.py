@@ -1,0 +1,41 @@
+"""Plain VAE: no perturbation input at all; the latent-recovery baseline.
+
+Its predictions ignore the dosage rows (every condition looks like the population it was
+trained on), which is what a model without perturbation knowledge can say.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from sams_core.models.base import Batch
+from sams_core.models.conditional_vae import ConditionalVAE
+
+
+class VAE(ConditionalVAE):
+    """z ~ N(0, I); x ~ likelihood(decoder(z)); q(z | x)."""
+
+    family = "vae"
+    composes = False
+
+    def __init__(self, n_genes: int, n_perturbations: int, n_latent: int = 15, likelihood: str = "nb", n_hidden: int = 350, n_layers: int = 1, **extra: Any):
+        super().__init__(n_genes, 0, n_latent, likelihood, n_hidden=n_hidden, n_layers=n_layers, **extra)
+        # keep the data's perturbation count for the interface; the networks see none
+        self.hparams["n_perturbations"] = n_perturbations
+        self.n_perturbations = n_perturbations
+        self.register_buffer("pert_counts", torch.ones(n_perturbations))
+
+    def _strip(self, d: torch.Tensor) -> torch.Tensor:
+        return d[..., :0]
+
+    def decode(self, z: torch.Tensor, d: torch.Tensor | None = None) -> torch.Tensor:
+        return self.decoder(z)
+
+    def _encode(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        mean, log_std = self.encoder(self.encoder_input(batch.x)).chunk(2, dim=-1)
+        return mean, log_std.clamp(-7.0, 3.0)
+
+    def loss(self, batch: Batch, n_particles: int = 5):
+        return super().loss(Batch(batch.x, self._strip(batch.d), batch.library, batch.cond), n_particles)
