@@ -1,0 +1,238 @@
+"""Model bundles: a trained model with everything needed to use it again, without pickle.
+
+A bundle is one ``.sams`` file (a zip archive) or a folder holding ``manifest.json`` (model
+family, hyper-parameters, gene and perturbation names, data-contract settings, the split,
+training history, metrics, format version, SHA-256 of the weights) and ``weights.safetensors``
+(tensors only). Loading reads JSON and raw tensors, rebuilds the model from a fixed list of
+families, and refuses a bundle whose checksum, format or shapes do not match.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import io
+import json
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from sams_core import __version__
+from sams_core.errors import SamsError
+from sams_core.models import FAMILIES, FAMILY_LABELS, PerturbationModel, build_model
+
+FORMAT = "sams-bundle"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+WEIGHTS = "weights.safetensors"
+
+
+@dataclass
+class ModelBundle:
+    """A loaded model and its manifest."""
+
+    model: PerturbationModel
+    manifest: dict[str, Any]
+    path: Path | None = None
+
+    @property
+    def family(self) -> str:
+        return self.manifest["family"]
+
+    @property
+    def label(self) -> str:
+        """Human name of the model, e.g. "SAMS-VAE (correlated)"."""
+        fam = FAMILY_LABELS.get(self.family, self.family)
+        guide = self.manifest["hparams"].get("guide")
+        return f"{fam} ({guide})" if guide and self.family == "sams_vae" else fam
+
+    @property
+    def genes(self) -> list[str]:
+        return list(self.manifest["genes"])
+
+    @property
+    def perturbations(self) -> list[str]:
+        return list(self.manifest["perturbations"])
+
+    @property
+    def mask_rows(self) -> list[str]:
+        """Names of the rows of :meth:`PerturbationModel.mask_probs` (perturbations or conditions)."""
+        return list(self.manifest.get("conditions") or self.manifest["perturbations"])
+
+    @property
+    def is_counts(self) -> bool:
+        return bool(self.manifest["data"].get("is_counts", True))
+
+    @property
+    def split_spec(self) -> dict[str, Any]:
+        return dict(self.manifest.get("split", {}))
+
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        return list(self.manifest.get("training", {}).get("history", []))
+
+    @property
+    def metrics(self) -> dict[str, Any]:
+        return dict(self.manifest.get("metrics", {}))
+
+    def checksum(self) -> str:
+        return str(self.manifest["weights_sha256"])[:16]
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, dict):
+        return {str(k): _jsonable(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, np.generic):
+        return v.item()
+    if isinstance(v, np.ndarray):
+        return _jsonable(v.tolist())
+    if isinstance(v, float) and not np.isfinite(v):
+        return None
+    return v
+
+
+def make_manifest(
+    model: PerturbationModel,
+    genes: list[str],
+    perturbations: list[str],
+    data_settings: dict[str, Any] | None = None,
+    split: dict[str, Any] | None = None,
+    training: dict[str, Any] | None = None,
+    metrics: dict[str, Any] | None = None,
+    conditions: list[str] | None = None,
+) -> dict[str, Any]:
+    """The manifest of a bundle (without the weights checksum, added on save)."""
+    if len(genes) != model.n_genes:
+        raise SamsError(f"{len(genes)} gene names for a model of {model.n_genes} genes.")
+    if len(perturbations) != model.n_perturbations:
+        raise SamsError(f"{len(perturbations)} perturbation names for a model of {model.n_perturbations}.")
+    return _jsonable(
+        {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "sams_core_version": __version__,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "family": model.family,
+            "hparams": dict(model.hparams),
+            "genes": list(genes),
+            "perturbations": list(perturbations),
+            "conditions": conditions,
+            "data": dict(data_settings or {}),
+            "split": dict(split or {}),
+            "training": dict(training or {}),
+            "metrics": dict(metrics or {}),
+        }
+    )
+
+
+def save_bundle(path: str | Path, model: PerturbationModel, manifest: dict[str, Any]) -> Path:
+    """Write ``model`` and ``manifest`` to ``path``: a ``.sams`` zip file, or a folder otherwise."""
+    p = Path(path)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    weights = st_save(state)
+    man = dict(manifest)
+    man["weights_sha256"] = hashlib.sha256(weights).hexdigest()
+    man["weights_bytes"] = len(weights)
+    text = json.dumps(_jsonable(man), indent=1, allow_nan=False)
+    if p.suffix == ".sams":
+        p.parent.mkdir(parents=True, exist_ok=True)
+        tmp = p.with_suffix(".sams.partial")
+        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as z:
+            z.writestr(MANIFEST, text)
+            z.writestr(WEIGHTS, weights)
+        tmp.replace(p)
+    else:
+        p.mkdir(parents=True, exist_ok=True)
+        (p / WEIGHTS).write_bytes(weights)
+        (p / MANIFEST).write_text(text)
+    return p
+
+
+def _read_parts(source: str | Path | bytes) -> tuple[bytes, bytes, Path | None]:
+    if isinstance(source, (bytes, bytearray)):
+        buf: Any = io.BytesIO(source)
+        where = "the uploaded bundle"
+        path = None
+    else:
+        path = Path(source)
+        where = str(path)
+        if not path.exists():
+            raise SamsError(f"Bundle not found: {path}. Check the path.")
+        if path.is_dir():
+            m, w = path / MANIFEST, path / WEIGHTS
+            if not m.exists() or not w.exists():
+                raise SamsError(f"{path} is a folder without {MANIFEST} and {WEIGHTS}: not a model bundle.")
+            return m.read_bytes(), w.read_bytes(), path
+        buf = path
+    try:
+        with zipfile.ZipFile(buf) as z:
+            names = set(z.namelist())
+            if MANIFEST not in names or WEIGHTS not in names:
+                raise SamsError(f"{where} lacks {MANIFEST} or {WEIGHTS}: not a SAMS model bundle.")
+            return z.read(MANIFEST), z.read(WEIGHTS), path
+    except zipfile.BadZipFile as exc:
+        raise SamsError(
+            f"{where} is truncated or not a SAMS model bundle ({exc}). Re-export it from the trained model."
+        ) from exc
+    except (OSError, EOFError, ValueError) as exc:  # damaged archive members
+        if isinstance(exc, SamsError):
+            raise
+        raise SamsError(f"{where} is damaged ({exc}). Re-export it from the trained model.") from exc
+
+
+def load_bundle(source: str | Path | bytes, device: str | torch.device | None = None) -> ModelBundle:
+    """Read a bundle (path to a ``.sams`` file or folder, or the bytes of one).
+
+    Nothing from the file is executed. Raises :class:`SamsError` for a missing, truncated,
+    tampered or incompatible bundle.
+    """
+    raw_manifest, weights, path = _read_parts(source)
+    try:
+        manifest = json.loads(raw_manifest.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise SamsError(f"The bundle's manifest is not valid JSON ({exc}). The file is damaged.") from exc
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise SamsError("The manifest does not describe a SAMS model bundle (format field missing).")
+    version = manifest.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise SamsError(
+            f"Bundle format version {version!r} is newer than this software reads ({FORMAT_VERSION}). "
+            "Update sams_core."
+        )
+    digest = hashlib.sha256(weights).hexdigest()
+    if digest != manifest.get("weights_sha256"):
+        raise SamsError(
+            "The bundle's weights do not match the checksum in its manifest: the file was modified or "
+            "truncated. Re-export it from the trained model."
+        )
+    family = manifest.get("family")
+    if family not in FAMILIES:
+        raise SamsError(f"Unknown model family {family!r} in the bundle. Known: {', '.join(FAMILIES)}.")
+    hparams = manifest.get("hparams")
+    if not isinstance(hparams, dict):
+        raise SamsError("The bundle's manifest has no hyper-parameters. The file is damaged.")
+    try:
+        state = st_load(weights)
+    except Exception as exc:  # safetensors raises its own error type for bad headers
+        raise SamsError(f"The bundle's weights cannot be read ({exc}). The file is damaged.") from exc
+    try:
+        model = build_model(family, **hparams)
+        model.load_state_dict(state, strict=True)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise SamsError(f"The bundle's weights do not fit a {family} model with its hyper-parameters ({exc}).") from exc
+    if len(manifest.get("genes", [])) != model.n_genes or len(manifest.get("perturbations", [])) != model.n_perturbations:
+        raise SamsError("The bundle's gene or perturbation names do not match the model's size. The file is damaged.")
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    model.to(dev).eval()
+    return ModelBundle(model=model, manifest=manifest, path=path)
+
+
+__all__ = ["ModelBundle", "make_manifest", "save_bundle", "load_bundle", "FORMAT_VERSION"]

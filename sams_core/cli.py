@@ -1,0 +1,208 @@
+"""Command line: ``python -m sams_core {train,evaluate,predict,simulate,build-demo} ...``.
+
+For people who train on a cluster and only browse in the app. Every subcommand explains its
+options with ``--help``; bad input ends with the message of the problem and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+
+from sams_core import __version__
+from sams_core.data import SPLIT_KINDS
+from sams_core.errors import SamsError
+from sams_core.models import FAMILIES, GUIDES
+
+
+def _add_data_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", required=True, help="the screen as an .h5ad file (counts in layers['counts'] or integer X)")
+    p.add_argument("--perturbation-key", default=None, help="obs column with each cell's perturbation (default: detected among perturbation, condition, guide_identity, gene, perturbation_name)")
+    p.add_argument("--separator", action="append", default=None, help="separator of combination members (default '+'; repeat for several)")
+    p.add_argument("--control-label", action="append", default=None, help="label of control cells (default: control, ctrl, non-targeting, NT, DMSO ...; repeat for several)")
+    p.add_argument("--n-top-genes", type=int, default=None, help="keep only this many highly variable genes (scanpy)")
+
+
+def _read_data(args: argparse.Namespace):
+    from sams_core.data import read_h5ad
+
+    return read_h5ad(
+        args.data,
+        perturbation_key=args.perturbation_key,
+        separators=tuple(args.separator or ["+"]),
+        control_labels=args.control_label,
+        n_top_genes=args.n_top_genes,
+    )
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m sams_core", description="Train, evaluate and query sparse-mechanism-shift models of perturbation screens.")
+    ap.add_argument("--version", action="version", version=f"sams_core {__version__}")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a model on a screen and save it as a bundle", description="Train a model on an .h5ad screen, evaluate it on its split and save a bundle (.sams file or folder).")
+    _add_data_options(t)
+    t.add_argument("--model", default="sams_vae", choices=sorted(FAMILIES), help="model family (default sams_vae)")
+    t.add_argument("--guide", default="mean-field", choices=GUIDES, help="SAMS-VAE/CPA-VAE guide over the embeddings (default mean-field)")
+    t.add_argument("--likelihood", default=None, choices=["nb", "poisson", "gaussian"], help="default: nb for counts, gaussian for log-normalised data")
+    t.add_argument("--latent", type=int, default=15, help="number of latent units K (default 15)")
+    t.add_argument("--hidden", type=int, default=350, help="width of the encoder/decoder hidden layers (default 350)")
+    t.add_argument("--layers", type=int, default=1, help="hidden layers in encoder and decoder (default 1)")
+    t.add_argument("--mask-prior", type=float, default=None, help="SAMS-VAE prior probability α that a perturbation acts on a unit")
+    t.add_argument("--beta", type=float, default=None, help="sVAE+ Beta(1, β) mask prior (β > 1 is sparse)")
+    t.add_argument("--split", default="heldout-combos", choices=SPLIT_KINDS, help="how to split cells (default heldout-combos)")
+    t.add_argument("--fraction", type=float, default=0.25, help="held-out fraction of combinations/perturbations, or trained fraction of combination cells for data-efficiency (default 0.25)")
+    t.add_argument("--val-fraction", type=float, default=0.1, help="fraction of the remaining cells used for validation (default 0.1)")
+    t.add_argument("--test-fraction", type=float, default=0.1, help="test fraction for the random split (default 0.1)")
+    t.add_argument("--epochs", type=int, default=100, help="training epochs (default 100)")
+    t.add_argument("--steps", type=int, default=None, help="training steps instead of epochs")
+    t.add_argument("--batch-size", type=int, default=512, help="cells per mini-batch (default 512)")
+    t.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 1e-3)")
+    t.add_argument("--particles", type=int, default=5, help="Monte-Carlo particles of the ELBO (default 5)")
+    t.add_argument("--grad-clip", type=float, default=None, help="clip the gradient norm at this value")
+    t.add_argument("--early-stopping", type=int, default=None, help="stop after this many epochs without validation improvement")
+    t.add_argument("--seed", type=int, default=0, help="seed of the split and of training (default 0)")
+    t.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when present)")
+    t.add_argument("--no-eval", action="store_true", help="skip the evaluation after training")
+    t.add_argument("--out", required=True, help="where to save the bundle: NAME.sams for one file, else a folder")
+
+    e = sub.add_parser("evaluate", help="held-out metrics of a bundle on its data", description="Recreate the bundle's split on the data and print held-out IWELBO and ATE scores per split.")
+    e.add_argument("bundle", help="a .sams bundle file or folder")
+    e.add_argument("--data", required=True, help="the .h5ad screen the bundle was trained on")
+    e.add_argument("--samples", type=int, default=100, help="draws of the globals for the IWELBO (default 100)")
+    e.add_argument("--ate-samples", type=int, default=2000, help="posterior-predictive cells per condition for the model ATE (default 2000)")
+    e.add_argument("--max-cells", type=int, default=20000, help="cells per split for the IWELBO, subsampled above (default 20000)")
+    e.add_argument("--seed", type=int, default=0, help="seed of the Monte-Carlo draws (default 0)")
+    e.add_argument("--csv", default=None, help="write the metrics table to this CSV file")
+
+    pr = sub.add_parser("predict", help="per-gene predicted effects of perturbation combinations", description="Predicted per-gene effect (log2 fold change on the ATE scale) of combinations, with credible intervals.")
+    pr.add_argument("bundle", help="a .sams bundle file or folder")
+    pr.add_argument("--perturbations", nargs="+", required=True, help="combinations as labels, e.g. KLF1 KLF1+GATA1 (A:0.5+B for dosage 0.5)")
+    pr.add_argument("--samples", type=int, default=2000, help="posterior-predictive cells per combination (default 2000)")
+    pr.add_argument("--level", type=float, default=0.9, help="credible interval level (default 0.9)")
+    pr.add_argument("--seed", type=int, default=0, help="seed (default 0)")
+    pr.add_argument("--out", default=None, help="CSV file (default: print to stdout)")
+
+    s = sub.add_parser("simulate", help="simulate a screen with ground truth", add_help=False)
+    s.add_argument("rest", nargs=argparse.REMAINDER)
+    b = sub.add_parser("build-demo", help="rebuild the shipped demo data and bundles in assets/demo", add_help=False)
+    b.add_argument("rest", nargs=argparse.REMAINDER)
+    return ap
+
+
+def parse_combination(text: str) -> dict[str, float]:
+    """"A+B:0.5" → {"A": 1.0, "B": 0.5}; "control" → {}."""
+    from sams_core.data import split_label
+
+    out: dict[str, float] = {}
+    for part in split_label(text):
+        name, _, dose = part.partition(":")
+        try:
+            out[name] = out.get(name, 0.0) + (float(dose) if dose else 1.0)
+        except ValueError as exc:
+            raise SamsError(f"Dosage {dose!r} in {text!r} is not a number. Write NAME:DOSE, e.g. KLF1:0.5.") from exc
+    return out
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from sams_core.pipeline import SplitSpec, train_bundle
+    from sams_core.train import TrainConfig, tqdm_progress
+
+    data = _read_data(args)
+    print(f"{data.n_cells} cells × {data.n_genes} genes, {data.n_perturbations} perturbations, "
+          f"{len(data.combinations())} combinations, {int(data.control_mask.sum())} controls; "
+          f"likelihood {args.likelihood or data.likelihood}", file=sys.stderr)
+    hp: dict = {"n_latent": args.latent, "n_hidden": args.hidden, "n_layers": args.layers}
+    if args.likelihood:
+        hp["likelihood"] = args.likelihood
+    if args.model in ("sams_vae", "cpa_vae"):
+        hp["guide"] = args.guide
+    if args.mask_prior is not None and args.model == "sams_vae":
+        hp["mask_prior"] = args.mask_prior
+    if args.beta is not None and args.model == "svae_plus":
+        hp["beta"] = args.beta
+    cfg = TrainConfig(
+        epochs=args.epochs, max_steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+        n_particles=args.particles, grad_clip=args.grad_clip, early_stopping=args.early_stopping,
+        seed=args.seed, device=args.device,
+    )
+    spec = SplitSpec(args.split, args.fraction, args.val_fraction, args.test_fraction, args.seed)
+    update, close = tqdm_progress(args.epochs if args.steps is None else 1, desc=args.model)
+    try:
+        bundle, result, ev = train_bundle(data, args.model, spec, cfg, args.out, update, not args.no_eval, **hp)
+    finally:
+        close()
+    print(f"best epoch {result.best_epoch}, {result.seconds:.1f} s; saved {args.out}", file=sys.stderr)
+    if ev is not None:
+        print(ev.metrics.to_string(float_format=lambda v: f"{v:.4f}"))
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from sams_core.evaluate import evaluate_model
+    from sams_core.pipeline import load_data_and_bundle
+
+    bundle, data, split = load_data_and_bundle(args.bundle, args.data)
+    ev = evaluate_model(bundle.model, data, split, args.samples, args.ate_samples, args.max_cells, args.seed)
+    table = ev.metrics.copy()
+    table.insert(0, "model", bundle.label)
+    print(table.to_string(float_format=lambda v: f"{v:.4f}"))
+    if args.csv:
+        table.to_csv(args.csv)
+        print(f"wrote {args.csv}", file=sys.stderr)
+    return 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from sams_core.bundle import load_bundle
+    from sams_core.data import dosage_rows
+    from sams_core.evaluate import model_ate_draws
+
+    bundle = load_bundle(args.bundle)
+    if not 0 < args.level < 1:
+        raise SamsError(f"--level must be between 0 and 1, got {args.level}.")
+    combos = [parse_combination(c) for c in args.perturbations]
+    d = dosage_rows(combos, bundle.perturbations)
+    per = max(1, args.samples // 100)
+    draws = model_ate_draws(bundle.model, d, bundle.is_counts, n_globals=100, n_per_global=per, seed=args.seed)
+    lo_q, hi_q = (1 - args.level) / 2, 1 - (1 - args.level) / 2
+    frames = []
+    for r, label in enumerate(args.perturbations):
+        frames.append(pd.DataFrame({
+            "combination": label,
+            "gene": bundle.genes,
+            "effect": draws[:, r].mean(0),
+            "lower": np.quantile(draws[:, r], lo_q, axis=0),
+            "upper": np.quantile(draws[:, r], hi_q, axis=0),
+        }))
+    table = pd.concat(frames, ignore_index=True)
+    if args.out:
+        table.to_csv(args.out, index=False)
+        print(f"wrote {args.out} ({len(table)} rows)", file=sys.stderr)
+    else:
+        table.to_csv(sys.stdout, index=False)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "simulate":
+            from sams_core.simulate import simulate_main
+
+            return simulate_main(args.rest)
+        if args.command == "build-demo":
+            from sams_core.demo import build_demo_main
+
+            return build_demo_main(args.rest)
+        return {"train": _cmd_train, "evaluate": _cmd_evaluate, "predict": _cmd_predict}[args.command](args)
+    except SamsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2

@@ -1,0 +1,313 @@
+"""Evaluation protocol of DESIGN §3: held-out IWELBO, treatment effects and their scores.
+
+Scores are pure functions of arrays (observed vs predicted effects), so that they rate
+predictions from any source (a model, a baseline); the model-facing functions produce those
+arrays from a trained model.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+import torch
+
+from sams_core.data import TEST, TRAIN, VAL, PerturbationData, dosage_rows
+from sams_core.errors import SamsError
+from sams_core.models import PerturbationModel
+from sams_core.train import DeviceData, condition_ids
+
+LIBRARY_SCALE = 1e4
+TOP_DE = 20
+
+
+# ---------------------------------------------------------------------------------------------
+# the ATE scale
+def ate_transform(x: np.ndarray | torch.Tensor, library: np.ndarray | torch.Tensor | float, is_counts: bool):
+    """Expression on the treatment-effect scale: log2(1 + 1e4·x/library) for counts, else x."""
+    if not is_counts:
+        return x
+    if isinstance(x, torch.Tensor):
+        lib = library if isinstance(library, (float, int)) else library.unsqueeze(-1)
+        return torch.log2(1 + LIBRARY_SCALE * x / lib)
+    lib = library if np.isscalar(library) else np.asarray(library)[:, None]
+    return np.log2(1 + LIBRARY_SCALE * np.asarray(x) / lib)
+
+
+def condition_means(data: PerturbationData, cells: np.ndarray | None = None) -> pd.DataFrame:
+    """Mean expression on the ATE scale of each condition (rows) over ``cells`` (all when None)."""
+    idx = np.arange(data.n_cells) if cells is None else np.asarray(cells)
+    if idx.dtype == bool:
+        idx = np.flatnonzero(idx)
+    labels = data.labels[idx].astype(str)
+    uniq = sorted(set(labels))
+    out = np.zeros((len(uniq), data.n_genes), dtype=np.float64)
+    chunk = 20000
+    sums = {u: np.zeros(data.n_genes) for u in uniq}
+    for s in range(0, idx.size, chunk):
+        part = idx[s : s + chunk]
+        X = data.X[part]
+        X = X.toarray() if sp.issparse(X) else np.asarray(X)
+        V = ate_transform(X.astype(np.float64), data.library[part].astype(np.float64), data.is_counts)
+        lab = labels[s : s + chunk]
+        for u in set(lab):
+            sums[u] += V[lab == u].sum(0)
+    counts = pd.Series(labels).value_counts()
+    for i, u in enumerate(uniq):
+        out[i] = sums[u] / counts[u]
+    return pd.DataFrame(out, index=uniq, columns=data.genes)
+
+
+def data_ate(data: PerturbationData, cells: np.ndarray | None = None, control_cells: np.ndarray | None = None) -> pd.DataFrame:
+    """Observed average treatment effect per condition (rows) and gene: mean minus control mean.
+
+    Controls come from ``control_cells`` (default: all control cells of the data).
+    """
+    means = condition_means(data, cells)
+    ctrl_idx = np.flatnonzero(data.control_mask) if control_cells is None else np.asarray(control_cells)
+    if ctrl_idx.size == 0:
+        raise SamsError("No control cells to compare against. The data needs control cells.")
+    ctrl = condition_means(data, ctrl_idx).loc["control"]
+    means = means.drop(index="control", errors="ignore")
+    return means - ctrl
+
+
+# ---------------------------------------------------------------------------------------------
+# model-side effects
+@torch.no_grad()
+def model_ate_draws(
+    model: PerturbationModel,
+    d_rows: np.ndarray,
+    is_counts: bool,
+    n_globals: int = 100,
+    n_per_global: int = 20,
+    seed: int = 0,
+    sample_counts: bool = True,
+) -> np.ndarray:
+    """Predicted treatment effects per draw of the globals: array [n_globals, R, G].
+
+    For each draw of the globals from the guide, ``n_per_global`` cells per dosage row get z_b
+    from the prior and library size 1e4 (families without globals: groups of cells play the role
+    of the draws); their expression (sampled counts, or expected values
+    when ``sample_counts`` is False) goes through the ATE transform, is averaged, and the control
+    row computed with the same globals is subtracted. The mean over draws is the model ATE;
+    quantiles over draws give credible intervals.
+    """
+    device = model.input_mean.device
+    model.eval()
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        d = torch.as_tensor(np.vstack([np.zeros((1, d_rows.shape[1]), dtype=np.float32), d_rows]), device=device)
+        globals_ = model.sample_globals(n_globals)
+        out = model.predict(d, globals_, n_per_global)  # [n_globals * n_per_global, R+1, G]
+        if sample_counts and is_counts:
+            x = model.likelihood.sample(out, LIBRARY_SCALE)
+        else:
+            x = model.likelihood.mean(out, LIBRARY_SCALE)
+        v = ate_transform(x, LIBRARY_SCALE, is_counts)
+        v = v.reshape(n_globals, n_per_global, *v.shape[1:]).mean(1)  # [n_globals, R+1, G]
+        ate = v[:, 1:] - v[:, :1]
+    return ate.cpu().numpy()
+
+
+def model_ate(
+    model: PerturbationModel,
+    labels: Sequence[str],
+    perturbations: Sequence[str],
+    is_counts: bool,
+    n_samples: int = 2000,
+    seed: int = 0,
+    chunk: int = 16,
+) -> pd.DataFrame:
+    """Predicted ATE (mean over posterior-predictive samples) for condition labels; rows = labels.
+
+    ``n_samples`` cells per condition: 100 draws of the globals × n_samples/100 basal states.
+    Conditions the model cannot predict (sVAE+ on unseen combinations) are rows of NaN.
+    """
+    n_globals = 100
+    per = max(1, n_samples // n_globals)
+    rows = []
+    for s in range(0, len(labels), chunk):
+        part = list(labels[s : s + chunk])
+        d = dosage_rows(part, perturbations)
+        try:
+            draws = model_ate_draws(model, d, is_counts, n_globals=n_globals, n_per_global=per, seed=seed + s)
+            rows.append(draws.mean(0))
+        except SamsError:
+            one = []
+            for r in range(len(part)):
+                try:
+                    one.append(model_ate_draws(model, d[r : r + 1], is_counts, n_globals, per, seed + s + r).mean(0)[0])
+                except SamsError:
+                    one.append(np.full(model.n_genes, np.nan))
+            rows.append(np.stack(one))
+    return pd.DataFrame(np.vstack(rows) if rows else np.zeros((0, model.n_genes)), index=list(labels))
+
+
+# ---------------------------------------------------------------------------------------------
+# IWELBO
+@torch.no_grad()
+def iwelbo(
+    model: PerturbationModel,
+    data: PerturbationData,
+    cells: np.ndarray,
+    n_samples: int = 100,
+    seed: int = 0,
+    max_elements: int = 2**25,
+) -> np.ndarray:
+    """Importance-weighted ELBO of each cell in ``cells`` (nats per cell, higher is better).
+
+    The globals are drawn once from the guide (``n_samples`` draws) and shared by all cells;
+    per cell the log-mean-exp over draws of log p(x | z) + log p(z_b) - log q(z_b | ·).
+    """
+    idx = np.asarray(cells)
+    if idx.dtype == bool:
+        idx = np.flatnonzero(idx)
+    if idx.size == 0:
+        return np.zeros(0)
+    device = model.input_mean.device
+    model.eval()
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        globals_ = model.sample_globals(n_samples)
+        dd = DeviceData(data, idx, device, condition_ids(model, data))
+        bs = max(1, max_elements // (n_samples * max(data.n_genes, model.n_latent * 8)))
+        out = []
+        for b in dd.batches(bs):
+            lw = model.log_weights(b, globals_)  # [S, B]
+            out.append((torch.logsumexp(lw, 0) - math.log(lw.shape[0])).cpu())
+    return torch.cat(out).numpy().astype(np.float64)
+
+
+# ---------------------------------------------------------------------------------------------
+# scores over (perturbation, gene) effects
+def _pearson(a: np.ndarray, b: np.ndarray) -> float:
+    a = a - a.mean()
+    b = b - b.mean()
+    den = math.sqrt(float((a * a).sum() * (b * b).sum()))
+    return float((a * b).sum() / den) if den > 0 else float("nan")
+
+
+def _r2(obs: np.ndarray, pred: np.ndarray) -> float:
+    ss_tot = float(((obs - obs.mean()) ** 2).sum())
+    return 1.0 - float(((obs - pred) ** 2).sum()) / ss_tot if ss_tot > 0 else float("nan")
+
+
+def top_de_mask(observed: np.ndarray, k: int = TOP_DE) -> np.ndarray:
+    """Boolean mask of each row's ``k`` genes with the largest |observed effect|."""
+    k = min(k, observed.shape[1])
+    order = np.argsort(-np.abs(observed), axis=1)[:, :k]
+    m = np.zeros_like(observed, dtype=bool)
+    np.put_along_axis(m, order, True, axis=1)
+    return m
+
+
+def cosine_matrix(pred: np.ndarray, obs: np.ndarray) -> np.ndarray:
+    """Cosine similarity of every predicted row with every observed row [P, P]."""
+    pn = pred / np.maximum(np.linalg.norm(pred, axis=1, keepdims=True), 1e-12)
+    on = obs / np.maximum(np.linalg.norm(obs, axis=1, keepdims=True), 1e-12)
+    return pn @ on.T
+
+
+def cosine_rank(pred: np.ndarray, obs: np.ndarray) -> np.ndarray:
+    """Per perturbation: fraction of other perturbations' observed effects closer (by cosine) to
+    its prediction than its own observed effect. 0 = own is closest; 0.5 = chance."""
+    n = pred.shape[0]
+    if n < 2:
+        return np.full(n, np.nan)
+    c = cosine_matrix(pred, obs)
+    own = np.diag(c)
+    closer = (c > own[:, None]).sum(1)
+    return closer / (n - 1)
+
+
+def effect_scores(observed: pd.DataFrame, predicted: pd.DataFrame, k: int = TOP_DE) -> dict[str, float]:
+    """Pearson r and R² over all (perturbation, gene) pairs and over each row's top-``k`` DE
+    genes, mean cosine of the effect vectors and the mean cosine rank."""
+    common = [i for i in observed.index if i in predicted.index]
+    obs = observed.loc[common].to_numpy(dtype=np.float64)
+    pred = predicted.loc[common].to_numpy(dtype=np.float64)
+    ok = ~np.isnan(pred).any(1)
+    obs, pred = obs[ok], pred[ok]
+    if obs.shape[0] == 0:
+        nan = float("nan")
+        return {"n_conditions": 0, "ate_r": nan, "ate_r2": nan, "ate_r_top20": nan, "ate_r2_top20": nan, "cosine": nan, "cosine_rank": nan}
+    top = top_de_mask(obs, k)
+    cos = np.diag(cosine_matrix(pred, obs))
+    return {
+        "n_conditions": int(obs.shape[0]),
+        "ate_r": _pearson(obs.ravel(), pred.ravel()),
+        "ate_r2": _r2(obs.ravel(), pred.ravel()),
+        "ate_r_top20": _pearson(obs[top], pred[top]),
+        "ate_r2_top20": _r2(obs[top], pred[top]),
+        "cosine": float(np.mean(cos)),
+        "cosine_rank": float(np.mean(cosine_rank(pred, obs))) if obs.shape[0] > 1 else float("nan"),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# the whole protocol for one model
+@dataclass
+class Evaluation:
+    """Metrics per split (rows: train, test, ...) and the effect tables behind them."""
+
+    metrics: pd.DataFrame
+    observed: dict[str, pd.DataFrame] = field(default_factory=dict)
+    predicted: dict[str, pd.DataFrame] = field(default_factory=dict)
+
+
+def split_conditions(data: PerturbationData, split: np.ndarray, which: str) -> list[str]:
+    """Non-control conditions that have cells in split ``which``."""
+    labs = data.labels[split == which].astype(str)
+    return sorted({lab for lab in labs if lab != "control"})
+
+
+def evaluate_model(
+    model: PerturbationModel,
+    data: PerturbationData,
+    split: np.ndarray,
+    n_iwelbo_samples: int = 100,
+    n_ate_samples: int = 2000,
+    max_iwelbo_cells: int | None = 20000,
+    seed: int = 0,
+    splits: Sequence[str] = (TRAIN, TEST),
+) -> Evaluation:
+    """Held-out IWELBO and ATE scores of ``model`` per split (DESIGN §3).
+
+    Observed effects of a split use its own cells of each condition against all control cells.
+    ``max_iwelbo_cells`` subsamples (seeded) cells for the IWELBO of large splits.
+    """
+    if split.shape[0] != data.n_cells:
+        raise SamsError(f"The split has {split.shape[0]} entries for {data.n_cells} cells. Use the split made for this data.")
+    rng = np.random.default_rng(seed)
+    ctrl = np.flatnonzero(data.control_mask)
+    rows = []
+    ev = Evaluation(metrics=pd.DataFrame())
+    for which in splits:
+        cells = np.flatnonzero(split == which)
+        if cells.size == 0:
+            continue
+        conds = split_conditions(data, split, which)
+        obs = data_ate(data, cells[data.labels[cells] != "control"], ctrl) if conds else pd.DataFrame()
+        pred = model_ate(model, conds, data.perturbations, data.is_counts, n_ate_samples, seed) if conds else pd.DataFrame()
+        if len(conds):
+            pred.columns = data.genes
+        sub = cells if max_iwelbo_cells is None or cells.size <= max_iwelbo_cells else np.sort(rng.choice(cells, max_iwelbo_cells, replace=False))
+        iw = iwelbo(model, data, sub, n_iwelbo_samples, seed)
+        scores = effect_scores(obs, pred) if conds else {}
+        rows.append({"split": which, "n_cells": int(cells.size), "iwelbo": float(iw.mean()), **scores})
+        ev.observed[which] = obs
+        ev.predicted[which] = pred
+    ev.metrics = pd.DataFrame(rows).set_index("split") if rows else pd.DataFrame()
+    return ev
+
+
+__all__ = [
+    "ate_transform", "condition_means", "data_ate", "model_ate_draws", "model_ate", "iwelbo",
+    "effect_scores", "cosine_rank", "cosine_matrix", "top_de_mask", "Evaluation", "evaluate_model",
+    "split_conditions", "VAL",
+]

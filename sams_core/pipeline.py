@@ -1,0 +1,181 @@
+"""The end-to-end workflows the command line and the app share: train a bundle, reopen its data.
+
+:func:`train_bundle` goes from a screen to a saved, evaluated model bundle; :func:`data_for_bundle`
+reads a screen the way a bundle was trained on it (same settings, same gene order) and
+:func:`split_for_bundle` recreates the bundle's split on it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from sams_core.bundle import ModelBundle, load_bundle, make_manifest, save_bundle
+from sams_core.data import PerturbationData, make_split, read_h5ad
+from sams_core.errors import SamsError
+from sams_core.evaluate import Evaluation, evaluate_model
+from sams_core.models import SVAEPlus
+from sams_core.train import ProgressFn, TrainConfig, TrainResult, train
+
+
+@dataclass
+class SplitSpec:
+    """How a split was made, so that it can be made again on the same data."""
+
+    kind: str = "heldout-combos"
+    fraction: float = 0.25
+    val_fraction: float = 0.1
+    test_fraction: float = 0.1
+    seed: int = 0
+
+    def make(self, data: PerturbationData, heldout: list[str] | None = None) -> np.ndarray:
+        return make_split(
+            data, self.kind, self.fraction, self.val_fraction, self.test_fraction, self.seed, heldout
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def split_record(spec: SplitSpec, data: PerturbationData, split: np.ndarray) -> dict[str, Any]:
+    """What a bundle stores about its split: the spec, the test conditions, the data checksum."""
+    test_labels = sorted({str(lab) for lab in data.labels[split == "test"]})
+    return {
+        **spec.as_dict(),
+        "test_conditions": test_labels,
+        "n_train": int((split == "train").sum()),
+        "n_val": int((split == "val").sum()),
+        "n_test": int((split == "test").sum()),
+        "data_checksum": data.checksum(),
+    }
+
+
+def train_bundle(
+    data: PerturbationData,
+    family: str,
+    spec: SplitSpec,
+    config: TrainConfig,
+    out: str | Path | None = None,
+    progress: ProgressFn | None = None,
+    evaluate: bool = True,
+    n_ate_samples: int = 2000,
+    **hparams: Any,
+) -> tuple[ModelBundle, TrainResult, Evaluation | None]:
+    """Train a ``family`` model on ``data`` split by ``spec``, evaluate it, save it to ``out``."""
+    split = spec.make(data)
+    model, result = train(data, family, split, config, progress, **hparams)
+    evaluation = evaluate_model(model, data, split, n_ate_samples=n_ate_samples, seed=config.seed) if evaluate else None
+    metrics: dict[str, Any] = {}
+    if evaluation is not None and not evaluation.metrics.empty:
+        metrics = {
+            split_name: {k: (None if pd.isna(v) else float(v)) for k, v in row.items()}
+            for split_name, row in evaluation.metrics.iterrows()
+        }
+    conditions = None
+    if isinstance(model, SVAEPlus):
+        train_labels = data.labels[split == "train"]
+        conditions = sorted({str(x) for x in train_labels if x != "control"})
+    manifest = make_manifest(
+        model,
+        genes=data.genes,
+        perturbations=data.perturbations,
+        data_settings={**data.settings, "is_counts": data.is_counts, "n_cells": data.n_cells, "checksum": data.checksum()},
+        split=split_record(spec, data, split),
+        training={
+            "config": config.as_dict(),
+            "history": result.history_table(),
+            "best_epoch": result.best_epoch,
+            "seconds": result.seconds,
+            "stopped_early": result.stopped_early,
+        },
+        metrics=metrics,
+        conditions=conditions,
+    )
+    if out is not None:
+        path = save_bundle(out, model, manifest)
+        bundle = load_bundle(path, device=str(model.input_mean.device))
+    else:
+        bundle = ModelBundle(model=model, manifest=manifest)
+    return bundle, result, evaluation
+
+
+def data_for_bundle(bundle: ModelBundle, source: str | Path | Any) -> PerturbationData:
+    """Read a screen (path or AnnData) with the bundle's data settings, genes in the bundle's order.
+
+    Raises :class:`SamsError` when genes or perturbations of the bundle are missing from it.
+    """
+    from sams_core.data import from_anndata
+
+    s = bundle.manifest.get("data", {})
+    kwargs = {
+        "perturbation_key": s.get("perturbation_key"),
+        "separators": s.get("separators", ["+"]),
+    }
+    data = read_h5ad(source, **kwargs) if isinstance(source, (str, Path)) else from_anndata(source, **kwargs)
+    return align_to_bundle(data, bundle)
+
+
+def align_to_bundle(data: PerturbationData, bundle: ModelBundle) -> PerturbationData:
+    """The screen restricted to the bundle's genes and re-indexed to its perturbation order."""
+    genes = bundle.genes
+    pos = {g: i for i, g in enumerate(data.genes)}
+    missing = [g for g in genes if g not in pos]
+    if missing:
+        raise SamsError(
+            f"{len(missing)} of the model's {len(genes)} genes are not in this data (e.g. {', '.join(missing[:3])}). "
+            "Load the data the model was trained on."
+        )
+    perts = bundle.perturbations
+    unknown = [p for p in data.perturbations if p not in perts]
+    if unknown:
+        raise SamsError(
+            f"The data has perturbations the model never saw: {', '.join(unknown[:5])}. "
+            "Load the data the model was trained on, or train a model on this data."
+        )
+    cols = np.array([pos[g] for g in genes])
+    pidx = {p: i for i, p in enumerate(perts)}
+    d = np.zeros((data.n_cells, len(perts)), dtype=np.float32)
+    for j, p in enumerate(data.perturbations):
+        d[:, pidx[p]] = data.dosages[:, j]
+    X = data.X[:, cols] if len(cols) != data.n_genes or np.any(cols != np.arange(data.n_genes)) else data.X
+    return PerturbationData(
+        X=X,
+        is_counts=data.is_counts,
+        library=data.library,
+        dosages=d,
+        labels=data.labels,
+        perturbations=list(perts),
+        genes=list(genes),
+        obs=data.obs,
+        settings=data.settings,
+    )
+
+
+def split_for_bundle(bundle: ModelBundle, data: PerturbationData) -> np.ndarray:
+    """The bundle's train/val/test split recreated on ``data`` (the same screen)."""
+    rec = bundle.split_spec
+    if not rec:
+        raise SamsError("The bundle records no split. Retrain it with this version of sams_core.")
+    spec = SplitSpec(**{k: rec[k] for k in ("kind", "fraction", "val_fraction", "test_fraction", "seed") if k in rec})
+    split = spec.make(data)
+    recorded = rec.get("test_conditions")
+    if recorded is not None and spec.kind in ("heldout-combos", "heldout-perturbations"):
+        made = sorted({str(lab) for lab in data.labels[split == "test"]})
+        if made != sorted(recorded):
+            # not the very same screen: hold out the recorded conditions that it has
+            present = set(map(str, data.labels))
+            heldout = [c for c in recorded if c in present]
+            if heldout:
+                split = spec.make(data, heldout)
+    return split
+
+
+def load_data_and_bundle(bundle_path: str | Path, data_path: str | Path) -> tuple[ModelBundle, PerturbationData, np.ndarray]:
+    """A bundle, its screen read as it was trained, and its split."""
+    bundle = load_bundle(bundle_path)
+    data = data_for_bundle(bundle, data_path)
+    return bundle, data, split_for_bundle(bundle, data)
