@@ -63,7 +63,7 @@ def relaxed_bernoulli_st(
     u = torch.rand(full, device=logits.device, dtype=logits.dtype).clamp_(1e-6, 1 - 1e-6)
     soft = torch.sigmoid((logits + torch.log(u) - torch.log1p(-u)) / temperature)
     hard = (soft > 0.5).to(soft.dtype)
-    m = hard + soft - soft.detach()
+    m = hard + (soft - soft.detach())
     log_q = m * F.logsigmoid(logits) + (1 - m) * F.logsigmoid(-logits)
     return m, log_q
 

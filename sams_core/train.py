@@ -45,6 +45,7 @@ class TrainConfig:
     seed: int = 0
     device: str | None = None
     val_batch_size: int = 4096
+    global_lr_scale: float = 10.0
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -236,7 +237,7 @@ def fit(
     val_idx = np.flatnonzero(split == VAL)
     tr = DeviceData(data, train_idx, device, cond)
     va = DeviceData(data, val_idx, device, cond) if val_idx.size else None
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    opt = torch.optim.Adam(model.parameter_groups(cfg.lr, cfg.global_lr_scale))
     steps_per_epoch = max(1, math.ceil(tr.n / cfg.batch_size))
     epochs = cfg.epochs if cfg.max_steps is None else math.ceil(cfg.max_steps / steps_per_epoch)
     gen = torch.Generator(device=device)

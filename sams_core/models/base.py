@@ -48,14 +48,12 @@ class LossOutput:
     terms: dict[str, torch.Tensor]
 
 
-def mlp(n_in: int, n_hidden: int, n_out: int, n_layers: int = 1, dropout: float = 0.0) -> nn.Sequential:
-    """A feed-forward net with ``n_layers`` hidden layers of width ``n_hidden`` (LayerNorm + SiLU)."""
+def mlp(n_in: int, n_hidden: int, n_out: int, n_layers: int = 1) -> nn.Sequential:
+    """A feed-forward net with ``n_layers`` hidden layers of width ``n_hidden`` (leaky ReLU)."""
     layers: list[nn.Module] = []
     width = n_in
     for _ in range(n_layers):
-        layers += [nn.Linear(width, n_hidden), nn.LayerNorm(n_hidden), nn.SiLU()]
-        if dropout > 0:
-            layers.append(nn.Dropout(dropout))
+        layers += [nn.Linear(width, n_hidden), nn.LeakyReLU(0.01)]
         width = n_hidden
     layers.append(nn.Linear(width, n_out))
     return nn.Sequential(*layers)
@@ -75,9 +73,9 @@ class SplitInputMLP(nn.Module):
             raise ValueError("n_layers must be at least 1")
         self.proj_a = nn.Linear(n_a, n_hidden)
         self.proj_b = nn.Linear(n_b, n_hidden, bias=False) if n_b > 0 else None
-        rest: list[nn.Module] = [nn.LayerNorm(n_hidden), nn.SiLU()]
+        rest: list[nn.Module] = [nn.LeakyReLU(0.01)]
         for _ in range(n_layers - 1):
-            rest += [nn.Linear(n_hidden, n_hidden), nn.LayerNorm(n_hidden), nn.SiLU()]
+            rest += [nn.Linear(n_hidden, n_hidden), nn.LeakyReLU(0.01)]
         rest.append(nn.Linear(n_hidden, n_out))
         self.rest = nn.Sequential(*rest)
 
@@ -135,6 +133,24 @@ class PerturbationModel(nn.Module):
     def global_weights(self, d: torch.Tensor) -> torch.Tensor:
         """Weight of each perturbation's global term in each cell: 1/N_t if the cell got t."""
         return (d != 0).to(d.dtype) / self.pert_counts
+
+    def global_parameter_names(self) -> set[str]:
+        """Names of the parameters of per-perturbation global latents (trained at their own rate)."""
+        return {n for n in ("mask_logits", "e_mean", "e_log_std", "shift", "pi_logits") if hasattr(self, n)}
+
+    def parameter_groups(self, lr: float, global_lr_scale: float = 1.0) -> list[dict[str, Any]]:
+        """Optimiser parameter groups: networks at ``lr``, per-perturbation globals at ``lr × scale``.
+
+        Each global parameter sees only the cells of its perturbation, a small fraction of every
+        mini-batch, so it gets far fewer informative updates than the shared networks.
+        """
+        names = self.global_parameter_names()
+        glob = [p for n, p in self.named_parameters() if n in names]
+        rest = [p for n, p in self.named_parameters() if n not in names]
+        groups = [{"params": rest, "lr": lr}]
+        if glob:
+            groups.append({"params": glob, "lr": lr * global_lr_scale})
+        return groups
 
     # ---- interface ----------------------------------------------------------------------
     def loss(self, batch: Batch, n_particles: int = 5) -> LossOutput:
