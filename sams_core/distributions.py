@@ -99,6 +99,7 @@ class Likelihood(nn.Module):
 
         ``out`` may carry leading particle dimensions that broadcast against ``x``.
         """
+        out = out.float()
         if self.kind == "gaussian":
             inv_std = torch.exp(-self.gene_param)
             return -0.5 * (((x - out) * inv_std) ** 2).sum(-1)
@@ -117,6 +118,7 @@ class Likelihood(nn.Module):
 
     def mean(self, out: torch.Tensor, library: torch.Tensor | float) -> torch.Tensor:
         """Expected expression given decoder output (counts for nb/poisson)."""
+        out = out.float()
         if self.kind == "gaussian":
             return out
         lib = library if isinstance(library, float) else library.unsqueeze(-1)

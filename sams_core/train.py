@@ -8,6 +8,7 @@ callback (tqdm on the command line, ``st.progress`` in the app).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import time
@@ -24,6 +25,21 @@ from sams_core.models import FAMILIES, Batch, PerturbationModel, SVAEPlus, build
 
 ProgressFn = Callable[["EpochRecord"], None]
 DENSE_LIMIT_BYTES = 4 * 1024**3
+
+
+PRECISIONS: tuple[str, ...] = ("float32", "bf16-mixed")
+
+
+def autocast_context(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """Mixed precision for the networks' matrix products (``bf16-mixed``), else nothing.
+
+    Weights, optimiser state and the likelihood stay in float32.
+    """
+    if precision not in PRECISIONS:
+        raise SamsError(f"Unknown precision {precision!r}. Choose one of: {', '.join(PRECISIONS)}.")
+    if precision == "bf16-mixed":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def default_device() -> torch.device:
@@ -46,6 +62,7 @@ class TrainConfig:
     device: str | None = None
     val_batch_size: int = 4096
     global_lr_scale: float = 10.0
+    precision: str = "float32"
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -64,6 +81,7 @@ class EpochRecord:
     mask_frac_low: float | None
     seconds: float
     total_epochs: int
+    val_seconds: float = 0.0
 
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -229,6 +247,7 @@ def fit(
     if cfg.batch_size < 1 or cfg.n_particles < 1 or cfg.lr <= 0:
         raise SamsError("batch_size and n_particles must be ≥ 1 and lr > 0.")
     device = torch.device(cfg.device) if cfg.device else default_device()
+    autocast_context(device, cfg.precision)  # validates the setting before any work
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     model.to(device)
@@ -259,7 +278,8 @@ def fit(
             if cfg.max_steps is not None and step >= cfg.max_steps:
                 break
             batch = tr.batch(perm[i : i + cfg.batch_size])
-            out = model.loss(batch, cfg.n_particles)
+            with autocast_context(device, cfg.precision):
+                out = model.loss(batch, cfg.n_particles)
             opt.zero_grad(set_to_none=True)
             out.loss.backward()
             if cfg.grad_clip:
@@ -278,7 +298,9 @@ def fit(
                 f"Training diverged at epoch {epoch + 1} (loss {train_loss}). Lower the learning rate "
                 "or enable gradient clipping (grad_clip=10)."
             )
+        t_val = time.perf_counter()
         val_loss = evaluate_loss(model, va, cfg.n_particles, cfg.val_batch_size) if va is not None else None
+        t_val = time.perf_counter() - t_val
         hi, lo = mask_sparsity(model)
         rec = EpochRecord(
             epoch=epoch + 1,
@@ -290,6 +312,7 @@ def fit(
             mask_frac_low=lo,
             seconds=time.perf_counter() - t0,
             total_epochs=epochs,
+            val_seconds=t_val,
         )
         result.history.append(rec)
         score = val_loss if val_loss is not None else train_loss

@@ -80,7 +80,14 @@ class SAMSVAE(PerturbationModel):
         self.log_1m_alpha = math.log1p(-mask_prior)
         self.log_s = math.log(embedding_prior_scale)
         K, T = n_latent, n_perturbations
-        self.encoder = SplitInputMLP(n_genes, K, n_hidden, 2 * K, n_layers)
+        # q(z_b | x, shift): since z = z_b + shift, the posterior of z_b is that of z moved by the
+        # shift; the network reads x once per cell and the sampled shift enters the output
+        # linearly (initialised to subtract it), so particles share all of the per-cell work.
+        self.encoder = mlp(n_genes, n_hidden, 2 * K, n_layers)
+        self.encoder_shift = nn.Linear(K, 2 * K, bias=False)
+        with torch.no_grad():
+            self.encoder_shift.weight.zero_()
+            self.encoder_shift.weight[:K].copy_(-torch.eye(K))
         self.decoder = mlp(K, n_hidden, n_genes, n_layers)
         if self.use_masks:
             self.mask_logits = nn.Parameter(torch.full((T, K), float(mask_init_logit)))
@@ -162,13 +169,17 @@ class SAMSVAE(PerturbationModel):
     def decode(self, z: torch.Tensor, d: torch.Tensor | None = None) -> torch.Tensor:
         return self.decoder(z)
 
+    def _encode(self, x: torch.Tensor, shift: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and log-std of q(z_b | x, shift); ``shift`` may carry particle dimensions."""
+        h = self.encoder(self.encoder_input(x)) + self.encoder_shift(shift)
+        mean, log_std = h.chunk(2, dim=-1)
+        return mean, log_std.clamp(-7.0, 3.0)
+
     def loss(self, batch: Batch, n_particles: int = 5) -> LossOutput:
         P = n_particles
         table, log_ratio, _ = self._globals_with_log_ratio(P)  # [P,T,K], [P,T]
         shift = torch.matmul(batch.d, table)  # [P,B,K]
-        ha = self.encoder.project_a(self.encoder_input(batch.x))  # [B,H], shared by particles
-        mean, log_std = self.encoder.forward_from(ha, shift).chunk(2, dim=-1)
-        log_std = log_std.clamp(-7.0, 3.0)
+        mean, log_std = self._encode(batch.x, shift)
         z_b = mean + torch.exp(log_std) * torch.randn_like(mean)
         out = self.decoder(z_b + shift)  # [P,B,G]
         log_lib = torch.log(batch.library)
@@ -188,9 +199,7 @@ class SAMSVAE(PerturbationModel):
     def log_weights(self, batch: Batch, globals_: dict[str, torch.Tensor]) -> torch.Tensor:
         table = globals_["shift_table"]  # [S,T,K]
         shift = torch.matmul(batch.d, table)  # [S,B,K]
-        ha = self.encoder.project_a(self.encoder_input(batch.x))
-        mean, log_std = self.encoder.forward_from(ha, shift).chunk(2, dim=-1)
-        log_std = log_std.clamp(-7.0, 3.0)
+        mean, log_std = self._encode(batch.x, shift)
         eps = torch.randn_like(mean)
         z_b = mean + torch.exp(log_std) * eps
         out = self.decoder(z_b + shift)
@@ -209,5 +218,5 @@ class SAMSVAE(PerturbationModel):
 
     def latent(self, batch: Batch) -> dict[str, torch.Tensor]:
         shift = self.latent_shift(batch.d)
-        mean, _ = self.encoder(self.encoder_input(batch.x), shift).chunk(2, dim=-1)
+        mean, _ = self._encode(batch.x, shift)
         return {"basal": mean, "full": mean + shift}
