@@ -159,3 +159,166 @@ def diversity_check(predicted: pd.DataFrame, threshold: float = 0.95) -> dict[st
     off = c[~np.eye(c.shape[0], dtype=bool)]
     m = float(off.mean())
     return {"mean_pairwise_cosine": m, "collapsed": bool(m >= threshold)}
+
+
+# ---------------------------------------------------------------------------------------------
+# which combination to measure next
+def rank_unmeasured_pairs(
+    bundle: ModelBundle,
+    measured: Sequence[str],
+    n_globals: int = 50,
+    n_per_global: int = 4,
+    seed: int = 0,
+    chunk: int = 64,
+) -> pd.DataFrame:
+    """Unmeasured pairs of measured singles ranked by predicted interaction and uncertainty.
+
+    ``measured`` lists the condition labels with cells. For every pair of measured singles that
+    is not itself measured: the interaction score (norm of combination minus the sum of its
+    singles, relative to the combination's norm), the mean width of the 90 % interval of the
+    combination's effect (uncertainty), and their ranks (1 = strongest / most uncertain).
+    """
+    meas = set(map(str, measured))
+    singles = [p for p in bundle.perturbations if p in meas]
+    pairs = [(a, b) for i, a in enumerate(singles) for b in singles[i + 1 :]]
+    pairs = [(a, b) for a, b in pairs if "+".join(sorted((a, b))) not in meas and f"{a}+{b}" not in meas and f"{b}+{a}" not in meas]
+    cols = ["pair", "interaction_score", "uncertainty", "effect_norm", "rank_interaction", "rank_uncertainty"]
+    if not pairs:
+        return pd.DataFrame(columns=cols)
+    single_rows = dosage_rows(singles, bundle.perturbations)
+    sdraw = model_ate_draws(bundle.model, single_rows, bundle.is_counts, n_globals, n_per_global, seed)  # [S, n_singles, G]
+    pos = {s: i for i, s in enumerate(singles)}
+    out = []
+    for start in range(0, len(pairs), chunk):
+        part = pairs[start : start + chunk]
+        d = dosage_rows([[a, b] for a, b in part], bundle.perturbations)
+        draws = model_ate_draws(bundle.model, d, bundle.is_counts, n_globals, n_per_global, seed)
+        for r, (a, b) in enumerate(part):
+            eff = draws[:, r]
+            inter = (eff - sdraw[:, pos[a]] - sdraw[:, pos[b]]).mean(0)
+            mean = eff.mean(0)
+            norm = float(np.linalg.norm(mean))
+            width = float((np.quantile(eff, 0.95, axis=0) - np.quantile(eff, 0.05, axis=0)).mean())
+            out.append({"pair": f"{a}+{b}", "interaction_score": float(np.linalg.norm(inter)) / norm if norm > 0 else 0.0, "uncertainty": width, "effect_norm": norm})
+    t = pd.DataFrame(out)
+    t["rank_interaction"] = t["interaction_score"].rank(ascending=False, method="min").astype(int)
+    t["rank_uncertainty"] = t["uncertainty"].rank(ascending=False, method="min").astype(int)
+    return t.sort_values(["rank_interaction", "rank_uncertainty"]).reset_index(drop=True)[cols]
+
+
+# ---------------------------------------------------------------------------------------------
+# perturbation similarity and heatmap orders
+def perturbation_distances(bundle: ModelBundle, by: str = "mask") -> pd.DataFrame:
+    """Distances between the model's mask rows: Jaccard-like on mask probabilities (``mask``) or
+    Euclidean between expected latent shifts (``shift``)."""
+    from scipy.spatial.distance import pdist, squareform
+
+    names = bundle.mask_rows
+    model = bundle.model
+    with torch.no_grad():
+        if by == "mask":
+            p = model.mask_probs()
+            if p is None:
+                raise SamsError(f"{bundle.label} has no masks; compare perturbations by='shift' instead.")
+            x = p.cpu().numpy()
+            dist = squareform(pdist(x, lambda u, v: 1 - np.minimum(u, v).sum() / max(np.maximum(u, v).sum(), 1e-12)))
+        elif by == "shift":
+            if model.composes:
+                x = model.latent_shift(torch.eye(len(bundle.perturbations), device=model.input_mean.device)).cpu().numpy()
+            else:
+                x = (model.mask_probs() * model.shift).cpu().numpy()
+            dist = squareform(pdist(x))
+        else:
+            raise SamsError(f"Unknown distance {by!r}: use 'mask' or 'shift'.")
+    return pd.DataFrame(dist, index=names, columns=names)
+
+
+def cluster_order(matrix: np.ndarray, method: str = "average") -> np.ndarray:
+    """Row order from hierarchical clustering of the rows of ``matrix`` (scipy leaves order)."""
+    from scipy.cluster.hierarchy import leaves_list, linkage
+
+    m = np.asarray(matrix, dtype=np.float64)
+    if m.shape[0] < 3:
+        return np.arange(m.shape[0])
+    return leaves_list(linkage(m, method=method, optimal_ordering=True))
+
+
+def heatmap_orders(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Row and column orders for a heatmap (e.g. perturbations × units mask probabilities)."""
+    v = np.asarray(values, dtype=np.float64)
+    return cluster_order(v), cluster_order(v.T)
+
+
+# ---------------------------------------------------------------------------------------------
+# gene programs of latent units
+@torch.no_grad()
+def unit_loadings(bundle: ModelBundle, data: PerturbationData, n_cells: int = 2000, seed: int = 0) -> pd.DataFrame:
+    """Gene loadings of each latent unit [K × G]: the change of the decoder's expected log2
+    expression when the unit moves up by one standard deviation around cells' latents,
+    averaged over (up to ``n_cells``) cells of ``data``."""
+    from sams_core.train import DeviceData, condition_ids
+
+    model = bundle.model
+    rng = np.random.default_rng(seed)
+    idx = np.arange(data.n_cells) if data.n_cells <= n_cells else np.sort(rng.choice(data.n_cells, n_cells, replace=False))
+    dd = DeviceData(data, idx, model.input_mean.device, condition_ids(model, data))
+    z = torch.cat([model.latent(b)["full"] for b in dd.batches(1024)])
+    sd = z.std(0).clamp_min(1e-3)
+    d = dd.d
+
+    def log2_expr(zz: torch.Tensor) -> torch.Tensor:
+        out = model.decode(zz, d).float()
+        if model.likelihood.kind == "gaussian":
+            return out / np.log(2)
+        return torch.log_softmax(out, -1) / np.log(2)
+
+    base = log2_expr(z)
+    rows = []
+    for k in range(model.n_latent):
+        zk = z.clone()
+        zk[:, k] += sd[k]
+        rows.append((log2_expr(zk) - base).mean(0).cpu().numpy())
+    return pd.DataFrame(np.vstack(rows), index=[f"unit {k}" for k in range(model.n_latent)], columns=bundle.genes)
+
+
+def top_genes(loadings: pd.DataFrame, unit: int | str, n: int = 20) -> pd.DataFrame:
+    """The ``n`` genes a unit drives most up and most down (gene, loading, direction)."""
+    row = loadings.loc[unit] if isinstance(unit, str) else loadings.iloc[unit]
+    up = row.sort_values(ascending=False).head(n)
+    down = row.sort_values().head(n)
+    return pd.concat([
+        pd.DataFrame({"gene": up.index, "loading": up.values, "direction": "up"}),
+        pd.DataFrame({"gene": down.index, "loading": down.values, "direction": "down"}),
+    ], ignore_index=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# results back into AnnData
+@torch.no_grad()
+def write_back(adata, bundle: ModelBundle, data: PerturbationData, loadings: pd.DataFrame | None = None, key: str = "X_sams"):
+    """Write the model's results into ``adata`` (cells in the same order as ``data``).
+
+    ``obsm[key]`` = full latent means, ``obsm[key + "_basal"]`` = basal latents; ``uns["sams"]``
+    holds the mask probabilities, embedding means, the model's perturbation names and family,
+    and (if given) the unit loadings. Returns ``adata``.
+    """
+    from sams_core.train import DeviceData, condition_ids
+
+    if adata.n_obs != data.n_cells:
+        raise SamsError(f"The AnnData has {adata.n_obs} cells but the data {data.n_cells}. Write back into the same screen.")
+    model = bundle.model
+    dd = DeviceData(data, np.arange(data.n_cells), model.input_mean.device, condition_ids(model, data))
+    lat = [model.latent(b) for b in dd.batches(2048)]
+    adata.obsm[key] = torch.cat([x["full"] for x in lat]).cpu().numpy()
+    adata.obsm[key + "_basal"] = torch.cat([x["basal"] for x in lat]).cpu().numpy()
+    uns: dict = {"family": bundle.family, "label": bundle.label, "mask_rows": np.array(bundle.mask_rows, dtype=str)}
+    p = model.mask_probs()
+    if p is not None:
+        uns["mask_probs"] = p.cpu().numpy()
+    if hasattr(model, "embedding_means"):
+        uns["embeddings"] = model.embedding_means().cpu().numpy()
+    if loadings is not None:
+        uns["unit_loadings"] = loadings.to_numpy()
+        uns["unit_loading_genes"] = np.array(loadings.columns, dtype=str)
+    adata.uns["sams"] = uns
+    return adata

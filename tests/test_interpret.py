@@ -10,6 +10,12 @@ from sams_core.data import from_anndata
 from sams_core.errors import SamsError
 from sams_core.evaluate import effect_scores
 from sams_core.interpret import (
+    heatmap_orders,
+    perturbation_distances,
+    rank_unmeasured_pairs,
+    top_genes,
+    unit_loadings,
+    write_back,
     additive_baseline,
     combination_label,
     diversity_check,
@@ -86,3 +92,44 @@ def test_baselines_and_collapse_check(fitted):
     flag = diversity_check(collapsed)
     assert flag["collapsed"] and flag["mean_pairwise_cosine"] == pytest.approx(1.0)
     assert effect_scores(singles, collapsed)["cosine_rank"] == pytest.approx(0.5, abs=0.1)
+
+
+def test_rank_unmeasured_pairs(fitted):
+    data, bundle = fitted
+    t = rank_unmeasured_pairs(bundle, sorted(set(data.labels)), n_globals=10, n_per_global=2)
+    n_singles = 6
+    assert len(t) == n_singles * (n_singles - 1) // 2 - 3, "every unmeasured pair, measured ones left out"
+    assert not set(t.pair) & {"GATA1+KLF1", "KLF1+GATA1"}
+    assert t.rank_interaction.min() == 1 and (t.uncertainty > 0).all()
+    assert list(t.rank_interaction) == sorted(t.rank_interaction)
+
+
+def test_similarity_orders_and_loadings(fitted):
+    data, bundle = fitted
+    dm = perturbation_distances(bundle, "mask")
+    assert dm.shape == (6, 6) and np.allclose(np.diag(dm), 0) and np.allclose(dm, dm.T)
+    ds = perturbation_distances(bundle, "shift")
+    assert (ds.to_numpy() >= 0).all()
+    rows, cols = heatmap_orders(bundle.model.mask_probs().detach().numpy())
+    assert sorted(rows) == list(range(6)) and sorted(cols) == list(range(4))
+    L = unit_loadings(bundle, data, n_cells=300)
+    assert L.shape == (4, data.n_genes)
+    tg = top_genes(L, 0, n=5)
+    assert len(tg) == 10 and tg.loading.iloc[0] == L.iloc[0].max()
+
+
+def test_write_back_opens_in_scanpy(fitted, screen):
+    import scanpy as sc
+
+    data, bundle = fitted
+    a = screen[0].copy()
+    write_back(a, bundle, data, unit_loadings(bundle, data, n_cells=200))
+    assert a.obsm["X_sams"].shape == (a.n_obs, 4) and "X_sams_basal" in a.obsm
+    assert a.uns["sams"]["mask_probs"].shape == (6, 4)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    ax = sc.pl.embedding(a, basis="X_sams", color="perturbation", show=False)
+    assert ax is not None and len(ax.collections) > 0
+    with pytest.raises(SamsError, match="same screen"):
+        write_back(a[:10].copy(), bundle, data)
