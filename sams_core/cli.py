@@ -1,4 +1,4 @@
-"""Command line: ``python -m sams_core {train,evaluate,predict,simulate,build-demo} ...``.
+"""Command line: ``python -m sams_core {train,evaluate,predict,simulate} ...``.
 
 For people who train on a cluster and only browse in the app. Every subcommand explains its
 options with ``--help``; bad input ends with the message of the problem and exit code 2.
@@ -89,10 +89,7 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--seed", type=int, default=0, help="seed (default 0)")
     pr.add_argument("--out", default=None, help="CSV file (default: print to stdout)")
 
-    s = sub.add_parser("simulate", help="simulate a screen with ground truth", add_help=False)
-    s.add_argument("rest", nargs=argparse.REMAINDER)
-    b = sub.add_parser("build-demo", help="rebuild the shipped demo data and bundles in assets/demo", add_help=False)
-    b.add_argument("rest", nargs=argparse.REMAINDER)
+    sub.add_parser("simulate", help="simulate a screen with ground truth (see simulate --help)", add_help=False)
     return ap
 
 
@@ -193,16 +190,12 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "simulate":  # its own parser reads the options
+        from sams_core.simulate import simulate_main
+
+        return simulate_main(argv[1:])
     args = _parser().parse_args(argv)
     try:
-        if args.command == "simulate":
-            from sams_core.simulate import simulate_main
-
-            return simulate_main(args.rest)
-        if args.command == "build-demo":
-            from sams_core.demo import build_demo_main
-
-            return build_demo_main(args.rest)
         return {"train": _cmd_train, "evaluate": _cmd_evaluate, "predict": _cmd_predict}[args.command](args)
     except SamsError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -122,3 +122,12 @@ def test_cli_help_explains_every_option(capsys):
             main([cmd, "--help"])
         text = capsys.readouterr().out
         assert "--" in text and "usage" in text
+
+
+def test_cli_simulate_passes_options(tmp_path, capsys):
+    out = tmp_path / "sim.h5ad"
+    assert main(["simulate", "--perturbations", "4", "--latent", "3", "--genes", "30", "--combinations", "2", "--cells", "10", "--out", str(out)]) == 0
+    assert out.exists()
+    with pytest.raises(SystemExit):
+        main(["simulate", "--help"])
+    assert "--perturbations" in capsys.readouterr().out

@@ -1,24 +1,30 @@
-"""Simulators: deterministic, consistent truth, programs that match the decoder; truth metrics."""
+"""Simulators: deterministic per seed, a consistent answer key, programs that match the decoder,
+scRNA-like counts, the AnnData contract and its .h5ad round trip, and the command line."""
 
 from __future__ import annotations
+
+import re
 
 import anndata as ad
 import numpy as np
 import pytest
+import scipy.sparse as sp
 
-from sams_core.data import from_anndata, make_split
 from sams_core.errors import SamsError
 from sams_core.simulate import (
+    PERTURBATION_SYMBOLS,
     combination_shift,
+    perturbation_names,
     simulate_main,
     simulate_sams_screen,
     simulate_svae_screen,
+    true_proportions,
     truth_from_adata,
     truth_masks_for,
 )
-from sams_core.truth import latent_mcc, mask_scores, match_units, target_recovery
 
 SMALL = dict(n_perturbations=8, n_latent=4, n_genes=60, n_combinations=6, cells_per_perturbation=40)
+SVAE_SMALL = dict(n_perturbations=6, n_latent=4, n_genes=40, cells_per_perturbation=30)
 
 
 @pytest.fixture(scope="module")
@@ -26,94 +32,242 @@ def sim():
     return simulate_sams_screen(**SMALL, seed=1)
 
 
+@pytest.fixture(scope="module")
+def default_sim():
+    return simulate_sams_screen(seed=0)
+
+
+def _same_screen(a, b) -> bool:
+    ta, tb = truth_from_adata(a), truth_from_adata(b)
+    return (
+        (a.X != b.X).nnz == 0
+        and np.array_equal(a.obsm["X_true_latent"], b.obsm["X_true_latent"])
+        and list(a.obs["perturbation"]) == list(b.obs["perturbation"])
+        and list(a.obs["batch"]) == list(b.obs["batch"])
+        and np.array_equal(ta.masks, tb.masks)
+        and np.array_equal(ta.embeddings, tb.embeddings)
+        and np.array_equal(ta.combinations, tb.combinations)
+        and np.array_equal(ta.heldout_combinations, tb.heldout_combinations)
+    )
+
+
 def test_deterministic_for_a_seed(sim):
-    again = simulate_sams_screen(**SMALL, seed=1)
+    assert _same_screen(sim, simulate_sams_screen(**SMALL, seed=1))
     other = simulate_sams_screen(**SMALL, seed=2)
-    assert (sim.X != again.X).nnz == 0
-    np.testing.assert_array_equal(sim.uns["sams_truth"]["masks"], again.uns["sams_truth"]["masks"])
     assert (sim.X != other.X).nnz > 0
+    assert not np.array_equal(truth_from_adata(sim).embeddings, truth_from_adata(other).embeddings)
+    sv = simulate_svae_screen(**SVAE_SMALL, seed=3)
+    assert _same_screen(sv, simulate_svae_screen(**SVAE_SMALL, seed=3))
+    assert (sv.X != simulate_svae_screen(**SVAE_SMALL, seed=4).X).nnz > 0
+
+
+def test_anndata_contract(sim):
+    X = sim.X
+    assert isinstance(X, sp.csr_matrix) and X.dtype == np.float32
+    assert isinstance(sim.layers["counts"], sp.csr_matrix) and (sim.layers["counts"] != X).nnz == 0
+    assert np.all(X.data == np.round(X.data)) and X.data.min() >= 0
+    assert sim.obs_names.is_unique and re.fullmatch(r"cell\d{6}", sim.obs_names[0])
+    assert sim.var_names.is_unique
+    np.testing.assert_allclose(sim.obs["library_size"].to_numpy(), np.asarray(X.sum(1)).ravel())
+    assert set(sim.obs["batch"].astype(str)) == {"batch1", "batch2"}
+    for name, k in zip(sim.var_names, sim.var["program"]):
+        assert re.fullmatch(rf"P{k:02d}_G\d{{3}}" if k >= 0 else r"BG_G\d{3}", name), (name, k)
+    for key in ("X_true_basal", "X_true_latent"):
+        assert sim.obsm[key].shape == (sim.n_obs, SMALL["n_latent"]) and sim.obsm[key].dtype == np.float32
+    tr = truth_from_adata(sim)
+    T, K = SMALL["n_perturbations"], SMALL["n_latent"]
+    assert tr.kind == "sams" and tr.masks.shape == (T, K) and tr.masks.dtype == np.int8
+    assert tr.embeddings.shape == (T, K) and tr.embeddings.dtype == np.float32
+    # real gene symbols, the singles list sorted (= the data loader's perturbation order)
+    assert set(tr.perturbations) == set(PERTURBATION_SYMBOLS[:T]) and list(tr.perturbations) == sorted(tr.perturbations)
+    labels = set(sim.obs["perturbation"].astype(str))
+    assert labels == {"control", *tr.perturbations, *tr.combinations}
+    order = {p: i for i, p in enumerate(tr.perturbations)}
+    for c in tr.combinations:
+        a, b = c.split("+")
+        assert order[a] < order[b], "members in the order of the singles list"
+    assert len(set(tr.combinations)) == SMALL["n_combinations"]
+    assert set(tr.heldout_combinations) <= set(tr.combinations)
+    assert len(tr.heldout_combinations) == round(0.25 * SMALL["n_combinations"])
+    assert tr.seed == 1 and tr.params["n_latent"] == K
+    assert perturbation_names(152)[-2:] == ["PERT150", "PERT151"]
 
 
 def test_truth_is_consistent(sim):
     tr = truth_from_adata(sim)
     shift = sim.obsm["X_true_latent"] - sim.obsm["X_true_basal"]
     labels = sim.obs["perturbation"].astype(str).to_numpy()
-    for label in tr.combinations + tr.perturbations[:3] + ["control"]:
+    for label in [*tr.combinations, *tr.perturbations, "control"]:
         rows = shift[labels == label]
         assert rows.shape[0] > 0
-        np.testing.assert_allclose(rows, np.tile(combination_shift(tr, label), (rows.shape[0], 1)), atol=1e-5)
-    a, b = tr.combinations[0].split("+")
-    np.testing.assert_allclose(combination_shift(tr, tr.combinations[0]), combination_shift(tr, a) + combination_shift(tr, b))
+        np.testing.assert_allclose(rows, np.broadcast_to(combination_shift(tr, label), rows.shape), atol=1e-5)
+    for c in tr.combinations:
+        a, b = c.split("+")
+        np.testing.assert_allclose(combination_shift(tr, c), combination_shift(tr, a) + combination_shift(tr, b))
+        np.testing.assert_allclose(combination_shift(tr, f"{b}+{a}"), combination_shift(tr, c))
+    a = tr.perturbations[0]
+    np.testing.assert_allclose(combination_shift(tr, f"{a}:0.5"), 0.5 * combination_shift(tr, a))
+    with pytest.raises(SamsError, match="not a simulated perturbation"):
+        combination_shift(tr, "NOTAGENE")
+    # basal states look standard normal
+    zb = sim.obsm["X_true_basal"]
+    assert abs(zb.mean()) < 0.1 and abs(zb.std() - 1) < 0.1
+
+
+def test_masks_and_effects():
+    tr = truth_from_adata(simulate_sams_screen(n_perturbations=40, n_latent=12, n_genes=60, n_combinations=0,
+                                               cells_per_perturbation=2, seed=5))
     n_targets = tr.masks.sum(1)
-    assert n_targets.min() >= 1 and n_targets.max() <= 3
-    on = np.abs(tr.embeddings[tr.masks == 1])
-    assert np.all(np.abs(on - 5) < 2.5) and np.all(tr.embeddings[tr.masks == 0] == 0)
-    assert set(tr.heldout_combinations) <= set(tr.combinations)
+    assert n_targets.min() >= 1 and n_targets.max() <= 3 and 1.5 < n_targets.mean() < 2.5
+    assert (tr.masks.sum(0) >= 1).all(), "every unit is targeted"
+    on = tr.embeddings[tr.masks == 1]
+    assert np.all(np.abs(np.abs(on) - 5) < 2.0) and abs(np.abs(on).mean() - 5) < 0.3
+    assert (on > 0).any() and (on < 0).any()
+    assert np.all(tr.embeddings[tr.masks == 0] == 0)
+    # few perturbations: still each unit targeted when the targets suffice
+    few = truth_from_adata(simulate_sams_screen(n_perturbations=4, n_latent=6, n_genes=30, n_combinations=2,
+                                                cells_per_perturbation=2, targets_per_perturbation=(2, 3), seed=0))
+    assert (few.masks.sum(0) >= 1).all()
 
 
 def test_programs_follow_their_units():
-    sim = simulate_sams_screen(**SMALL, n_control=1500, seed=1)
-    tr = truth_from_adata(sim)
-    ctrl = (sim.obs["perturbation"] == "control").to_numpy()  # units independent in controls
-    x = np.log1p(sim.X.toarray()[ctrl] / sim.obs["library_size"].to_numpy()[ctrl, None] * 1e4)
-    z = sim.obsm["X_true_latent"][ctrl]
+    a = simulate_sams_screen(**SMALL, n_control=1500, seed=1)
+    tr = truth_from_adata(a)
+    ctrl = (a.obs["perturbation"] == "control").to_numpy()  # units independent in controls
+    x = np.log1p(a.X[ctrl].toarray() / a.obs["library_size"].to_numpy()[ctrl, None] * 1e4)
+    z = a.obsm["X_true_latent"][ctrl]
+    K = tr.n_latent
+    assert sorted(tr.unit_of_program.values()) == list(range(K))
     for name, genes in tr.program_sets.items():
         k = tr.unit_of_program[name]
-        cols = [sim.var_names.get_loc(g) for g in genes]
-        score = x[:, cols] * np.sign(np.corrcoef(x[:, cols].T, z[:, k])[-1, :-1])
-        r = [abs(np.corrcoef(score.mean(1), z[:, j])[0, 1]) for j in range(tr.n_latent)]
-        assert int(np.argmax(r)) == k, (name, r)
-        assert (sim.var["program"].to_numpy()[cols] == k).all()
+        cols = [a.var_names.get_loc(g) for g in genes]
+        assert (a.var["program"].to_numpy()[cols] == k).all()
+        r = np.abs(np.corrcoef(np.hstack([x[:, cols], z]).T)[: len(cols), len(cols):])  # genes × units
+        assert np.median(r[:, k]) > 2.5 * np.median(np.delete(r, k, axis=1)), (name, r)
+        # program score: genes of the program, signed by the direction of their response
+        score = (x[:, cols] * np.sign(tr.decoder["slope"][cols])).mean(1)
+        rs = np.abs([np.corrcoef(score, z[:, j])[0, 1] for j in range(K)])
+        assert rs[k] > 0.5 and rs[k] > 2.5 * np.delete(rs, k).max(), (name, rs)
+    # background genes respond to no unit
+    bg = np.flatnonzero(a.var["program"].to_numpy() == -1)
+    r_bg = np.abs(np.corrcoef(np.hstack([x[:, bg], z]).T)[: len(bg), len(bg):])
+    assert np.median(r_bg) < 0.1
 
 
-def test_counts_look_like_scrna():
-    X = simulate_sams_screen(seed=0).X.toarray()  # default size
-    assert np.all(X == np.round(X)) and X.min() >= 0
-    assert (X == 0).mean() > 0.2
+def test_counts_follow_the_decoder(default_sim):
+    tr = truth_from_adata(default_sim)
+    p = true_proportions(tr, default_sim.obsm["X_true_latent"])
+    np.testing.assert_allclose(p.sum(1), 1.0, rtol=1e-6)
+    expected = (p * default_sim.obs["library_size"].to_numpy()[:, None]).sum(0)
+    observed = np.asarray(default_sim.X.sum(0)).ravel()
+    assert np.corrcoef(np.log1p(expected), np.log1p(observed))[0, 1] > 0.99
+    with pytest.raises(SamsError):
+        true_proportions(tr, np.zeros((3, tr.n_latent + 1)))
 
 
-def test_round_trip_and_data_contract(sim, tmp_path):
+def test_counts_look_like_scrna(default_sim):
+    a = default_sim  # default size: 30 perturbations, 40 combinations, K = 10, 200 genes
+    assert a.n_obs == 200 + 30 * 100 + 40 * 100 and a.n_vars == 200
+    zeros = 1 - a.X.nnz / (a.n_obs * a.n_vars)
+    assert 0.2 < zeros < 0.8
+    lib = a.obs["library_size"].to_numpy()
+    assert 1500 < np.median(lib) < 5000 and lib.std() / lib.mean() > 0.2
+    gene_means = np.asarray(a.X.mean(0)).ravel()
+    assert gene_means.max() / np.median(gene_means) > 10, "some genes high, many low"
+    # overdispersed: variance above the mean (Poisson) for most genes, among control cells
+    c = a.X[(a.obs["perturbation"] == "control").to_numpy()].toarray()
+    assert np.mean(c.var(0) > 1.5 * c.mean(0)) > 0.5
+
+
+def test_round_trip_preserves_truth(sim, tmp_path):
+    for a in (sim, simulate_svae_screen(**SVAE_SMALL, seed=0)):
+        p = tmp_path / "sim.h5ad"
+        a.write_h5ad(p)
+        back = ad.read_h5ad(p)
+        t1, t2 = truth_from_adata(a), truth_from_adata(back)
+        for f in ("perturbations", "masks", "embeddings", "combinations", "heldout_combinations", "inverse_dispersion"):
+            np.testing.assert_array_equal(getattr(t1, f), getattr(t2, f), err_msg=f)
+        assert (t1.kind, t1.seed, t1.params, t1.program_sets, t1.unit_of_program) == (
+            t2.kind, t2.seed, t2.params, t2.program_sets, t2.unit_of_program)
+        np.testing.assert_allclose(true_proportions(t1, a.obsm["X_true_latent"][:50]),
+                                   true_proportions(t2, back.obsm["X_true_latent"][:50]))
+        assert (back.X != a.X).nnz == 0 and list(back.obs["perturbation"]) == list(a.obs["perturbation"])
+        np.testing.assert_array_equal(back.var["program"].to_numpy(), a.var["program"].to_numpy())
+
+
+def test_loads_through_the_data_contract(sim, tmp_path):
+    from sams_core.data import from_anndata, make_split
+
     p = tmp_path / "sim.h5ad"
     sim.write_h5ad(p)
-    back = ad.read_h5ad(p)
-    t1, t2 = truth_from_adata(sim), truth_from_adata(back)
-    np.testing.assert_array_equal(t1.masks, t2.masks)
-    assert t1.program_sets == t2.program_sets and t1.heldout_combinations == t2.heldout_combinations
-    data = from_anndata(back)
-    assert data.is_counts and len(data.combinations()) == SMALL["n_combinations"]
-    split = make_split(data, "heldout-combos", heldout=t2.heldout_combinations)
-    assert set(data.labels[split == "test"]) == set(t2.heldout_combinations)
+    data = from_anndata(ad.read_h5ad(p))
+    tr = truth_from_adata(sim)
+    assert data.is_counts and list(data.perturbations) == list(tr.perturbations)
+    assert sorted(data.combinations()) == sorted(tr.combinations)
+    split = make_split(data, "heldout-combos", heldout=list(tr.heldout_combinations))
+    assert set(data.labels[split == "test"]) == set(tr.heldout_combinations)
+    np.testing.assert_array_equal(truth_masks_for(tr, data.perturbations), tr.masks)
 
 
 def test_svae_screen():
-    a = simulate_svae_screen(n_perturbations=6, n_latent=4, n_genes=40, cells_per_perturbation=30, seed=0)
+    a = simulate_svae_screen(**SVAE_SMALL, seed=0)
     tr = truth_from_adata(a)
-    assert tr.kind == "svae" and tr.combinations == []
-    assert set(a.obs["perturbation"].astype(str)) == set(tr.perturbations) | {"control"}
-    assert 1 <= tr.masks.sum(1).min() and tr.masks.sum(1).max() <= 3
+    assert tr.kind == "svae" and tr.combinations.size == 0 and tr.program_sets == {}
+    assert a.n_obs == 30 * 7 and set(a.obs["perturbation"].astype(str)) == {*tr.perturbations, "control"}
+    assert tr.masks.sum(1).min() >= 1 and tr.masks.sum(1).max() <= 3
+    assert (a.var["program"] == -1).all() and a.var_names[0] == "SV_G0000"
+    shift = a.obsm["X_true_latent"] - a.obsm["X_true_basal"]
+    labels = a.obs["perturbation"].astype(str).to_numpy()
+    for lab in tr.perturbations:
+        np.testing.assert_allclose(shift[labels == lab][0], combination_shift(tr, lab), atol=1e-6)
+    K, H = tr.n_latent, 2 * tr.n_latent
+    W1, W2 = tr.decoder["W1"], tr.decoder["W2"]
+    assert W1.shape == (H, K) and np.linalg.matrix_rank(W1) == K
+    assert W2.shape == (40, H) and np.linalg.matrix_rank(W2) == H
+    np.testing.assert_allclose(W2.sum(0), 0, atol=1e-4)
+    assert np.all(a.X.data == np.round(a.X.data)) and isinstance(a.X, sp.csr_matrix)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(n_perturbations=4, n_combinations=7), "only 6 distinct pairs"),
+        (dict(n_latent=2, targets_per_perturbation=(1, 3)), "targets_per_perturbation"),
+        (dict(cells_per_perturbation=0), "cells_per_perturbation"),
+        (dict(n_genes=5, n_latent=10, n_combinations=2), "gene programs"),
+        (dict(dispersion=0.0), "dispersion"),
+        (dict(heldout_fraction=1.5), "heldout_fraction"),
+    ],
+)
+def test_bad_parameters_raise(kwargs, match):
+    base = dict(n_perturbations=6, n_latent=4, n_genes=30, n_combinations=3, cells_per_perturbation=5)
+    with pytest.raises(SamsError, match=match):
+        simulate_sams_screen(**{**base, **kwargs})
+
+
+def test_svae_needs_enough_genes():
     with pytest.raises(SamsError, match="injective"):
-        simulate_svae_screen(n_latent=10, n_genes=15)
+        simulate_svae_screen(n_latent=10, n_genes=20)
 
 
-def test_simulate_cli(tmp_path):
+def test_simulate_cli(tmp_path, capsys):
     out = tmp_path / "s.h5ad"
-    assert simulate_main(["--perturbations", "5", "--latent", "3", "--genes", "30", "--combinations", "3", "--cells", "20", "--out", str(out)]) == 0
-    assert ad.read_h5ad(out).n_obs == 20 * (5 + 3) + 40
-
-
-def test_metrics_on_truth_and_shuffles(sim):
-    tr = truth_from_adata(sim)
-    m = tr.masks.astype(float)
-    assert mask_scores(m, m)["f1"] == 1.0
-    perm = np.random.default_rng(0).permutation(m.shape[1])
-    assert mask_scores(m, m[:, perm])["f1"] == 1.0, "invariant to permuting inferred units"
-    np.testing.assert_array_equal(match_units(m, m[:, perm]), np.argsort(perm))
-    shuffled = np.random.default_rng(1).permuted(m.ravel()).reshape(m.shape)
-    assert mask_scores(m, shuffled)["f1"] < 0.8
-    assert target_recovery(m, m)["exact"] == 1.0 and target_recovery(m, shuffled)["exact"] < 0.5
-    z = sim.obsm["X_true_latent"]
-    assert latent_mcc(z, z[:, perm] * -2.0)["mcc"] == pytest.approx(1.0)
-    assert latent_mcc(z, np.random.default_rng(0).normal(size=z.shape))["mcc"] < 0.2
-    assert truth_masks_for(tr, list(reversed(tr.perturbations)))[0].tolist() == tr.masks[-1].tolist()
-    with pytest.raises(SamsError):
-        mask_scores(m, m[:3])
+    argv = ["--perturbations", "5", "--latent", "3", "--genes", "30", "--combinations", "3", "--cells", "20", "--seed", "4", "--out", str(out)]
+    assert simulate_main(argv) == 0
+    line = capsys.readouterr().out.strip()
+    assert "\n" not in line and "20" in line and str(out) in line
+    back = ad.read_h5ad(out)
+    assert back.n_obs == 20 * (5 + 3) + 40 and truth_from_adata(back).seed == 4
+    out2 = tmp_path / "v.h5ad"
+    assert simulate_main(["--kind", "svae", "--perturbations", "4", "--latent", "3", "--genes", "20", "--cells", "10", "--out", str(out2)]) == 0
+    assert truth_from_adata(ad.read_h5ad(out2)).kind == "svae"
+    assert simulate_main(["--perturbations", "3", "--combinations", "9", "--out", str(out)]) == 2
+    assert "distinct pairs" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        simulate_main(["--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    for opt in ("--kind", "--perturbations", "--latent", "--genes", "--combinations", "--cells", "--controls",
+                "--min-targets", "--max-targets", "--effect-mean", "--effect-sd", "--library", "--dispersion",
+                "--heldout-fraction", "--seed", "--out"):
+        assert opt in text
