@@ -82,6 +82,10 @@ class ModelBundle:
         return dict(self.manifest.get("metrics", {}))
 
     def checksum(self) -> str:
+        """Short hash of the weights (from the manifest, or computed for an unsaved model)."""
+        if "weights_sha256" not in self.manifest:
+            state = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
+            self.manifest["weights_sha256"] = hashlib.sha256(st_save(state)).hexdigest()
         return str(self.manifest["weights_sha256"])[:16]
 
 

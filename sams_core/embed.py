@@ -1,0 +1,94 @@
+"""Latent embeddings for display: UMAP of cells' latents, subsampled and cached on disk.
+
+The cache key is the bundle's weights checksum, the data checksum and the settings, so a second
+request for the same view is a file read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from sams_core.bundle import ModelBundle
+from sams_core.data import PerturbationData
+from sams_core.errors import SamsError
+
+DEFAULT_CACHE = Path(os.environ.get("SAMS_CACHE_DIR", Path.home() / ".cache" / "sams_explorer"))
+
+
+@dataclass
+class Embedding:
+    """2-D coordinates of a subset of cells (``cells`` are row positions in the data)."""
+
+    coords: np.ndarray  # [n, 2]
+    cells: np.ndarray  # [n] int
+    latent: str
+    from_cache: bool
+
+
+@torch.no_grad()
+def cell_latents(bundle: ModelBundle, data: PerturbationData, cells: np.ndarray, which: str = "full") -> np.ndarray:
+    """Posterior latent means (``basal`` or ``full``) of the cells at ``cells``."""
+    from sams_core.train import DeviceData, condition_ids
+
+    if which not in ("basal", "full"):
+        raise SamsError(f"Latent must be 'basal' or 'full', got {which!r}.")
+    model = bundle.model
+    dd = DeviceData(data, np.asarray(cells), model.input_mean.device, condition_ids(model, data))
+    return torch.cat([model.latent(b)[which] for b in dd.batches(4096)]).cpu().numpy()
+
+
+def subsample(n_cells: int, max_cells: int, seed: int = 0) -> np.ndarray:
+    """All cell positions, or a seeded sorted sample of ``max_cells`` of them."""
+    if n_cells <= max_cells:
+        return np.arange(n_cells)
+    return np.sort(np.random.default_rng(seed).choice(n_cells, max_cells, replace=False))
+
+
+def umap_embedding(
+    bundle: ModelBundle,
+    data: PerturbationData,
+    latent: str = "full",
+    max_cells: int = 20000,
+    seed: int = 0,
+    n_neighbors: int = 15,
+    min_dist: float = 0.3,
+    cache_dir: str | Path | None = DEFAULT_CACHE,
+    progress: Callable[[str, float], None] | None = None,
+) -> Embedding:
+    """UMAP (umap-learn) of cells' latents, cached on disk by bundle, data and settings.
+
+    Above ``max_cells`` a seeded subsample is embedded. ``progress(message, fraction)`` is told
+    about the slow steps.
+    """
+    cells = subsample(data.n_cells, max_cells, seed)
+    key = hashlib.sha256(json.dumps(
+        [bundle.checksum(), data.checksum(), latent, int(max_cells), int(seed), int(n_neighbors), float(min_dist)]
+    ).encode()).hexdigest()[:24]
+    path = Path(cache_dir) / f"umap_{key}.npz" if cache_dir is not None else None
+    if path is not None and path.exists():
+        with np.load(path, allow_pickle=False) as f:
+            return Embedding(f["coords"], f["cells"], latent, True)
+    if progress:
+        progress("computing latents", 0.1)
+    z = cell_latents(bundle, data, cells, latent)
+    if progress:
+        progress("running UMAP (the first run in a process compiles it: ~30 s)", 0.3)
+    import umap
+
+    coords = umap.UMAP(n_neighbors=n_neighbors, min_dist=min_dist, random_state=seed).fit_transform(z).astype(np.float32)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".partial.npz")
+        np.savez(tmp, coords=coords, cells=cells)
+        tmp.replace(path)
+    if progress:
+        progress("done", 1.0)
+    return Embedding(coords, cells, latent, False)

@@ -1,0 +1,39 @@
+"""UMAP of latents: subsampling, disk cache hit is fast and identical."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from sams_core.data import from_anndata
+from sams_core.embed import subsample, umap_embedding
+from sams_core.errors import SamsError
+from sams_core.pipeline import SplitSpec, train_bundle
+from sams_core.train import TrainConfig
+
+
+def test_umap_cached_and_subsampled(screen, tmp_path):
+    data = from_anndata(screen[0])
+    bundle, _, _ = train_bundle(data, "cpa_vae", SplitSpec("random"), TrainConfig(epochs=2, batch_size=256), None,
+                                evaluate=False, n_latent=3, n_hidden=16)
+    steps = []
+    first = umap_embedding(bundle, data, max_cells=400, cache_dir=tmp_path, progress=lambda m, f: steps.append(f))
+    assert first.coords.shape == (400, 2) and not first.from_cache and steps[-1] == 1.0
+    assert len(set(first.cells)) == 400 and first.cells.max() < data.n_cells
+    t = time.perf_counter()
+    second = umap_embedding(bundle, data, max_cells=400, cache_dir=tmp_path)
+    assert second.from_cache and time.perf_counter() - t < 1.0
+    np.testing.assert_array_equal(first.coords, second.coords)
+    np.testing.assert_array_equal(first.cells, second.cells)
+    other = umap_embedding(bundle, data, latent="basal", max_cells=400, cache_dir=tmp_path)
+    assert not other.from_cache
+    with pytest.raises(SamsError, match="basal"):
+        umap_embedding(bundle, data, latent="nope", cache_dir=tmp_path)
+
+
+def test_subsample_seeded():
+    np.testing.assert_array_equal(subsample(10, 20), np.arange(10))
+    a, b = subsample(1000, 50, seed=3), subsample(1000, 50, seed=3)
+    np.testing.assert_array_equal(a, b) and len(a) == 50
