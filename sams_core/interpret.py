@@ -322,3 +322,54 @@ def write_back(adata, bundle: ModelBundle, data: PerturbationData, loadings: pd.
         uns["unit_loading_genes"] = np.array(loadings.columns, dtype=str)
     adata.uns["sams"] = uns
     return adata
+
+
+# ---------------------------------------------------------------------------------------------
+# enrichment of units and predicted effects
+def unit_enrichment(
+    loadings: pd.DataFrame,
+    collection,
+    method: str = "rank",
+    n_top: int = 50,
+    units: Sequence[int] | None = None,
+    min_size: int = 5,
+) -> pd.DataFrame:
+    """Gene-set enrichment of each unit's loadings as one tidy table.
+
+    ``rank``: rank-sum test of the whole loading vector (sets shifted up or down);
+    ``hypergeometric``: over-representation among the unit's ``n_top`` genes by |loading|.
+    Columns: unit, set, description, statistic, p, q (BH within each unit), overlap, ...
+    """
+    from sams_core.genesets import hypergeometric_enrichment, rank_enrichment
+
+    if method not in ("rank", "hypergeometric"):
+        raise SamsError(f"Unknown enrichment method {method!r}: use 'rank' or 'hypergeometric'.")
+    frames = []
+    for k in units if units is not None else range(loadings.shape[0]):
+        row = loadings.iloc[k]
+        if method == "rank":
+            t = rank_enrichment(row, collection, min_size=min_size)
+        else:
+            top = row.abs().sort_values(ascending=False).index[:n_top]
+            t = hypergeometric_enrichment(list(top), list(row.index), collection, min_size=min_size)
+        t.insert(0, "unit", int(k))
+        frames.append(t)
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def effect_enrichment(prediction: EffectPrediction, collection, min_size: int = 5) -> pd.DataFrame:
+    """Rank-sum enrichment of a predicted effect over genes (which programs it moves)."""
+    from sams_core.genesets import rank_enrichment
+
+    return rank_enrichment(pd.Series(prediction.mean, index=prediction.genes), collection, min_size=min_size)
+
+
+def program_collection(adata):
+    """The simulator's true gene programs as a gene-set collection (simulated data only)."""
+    from sams_core.genesets import GeneSetCollection
+    from sams_core.simulate import truth_from_adata
+
+    truth = truth_from_adata(adata)
+    if not truth.program_sets:
+        raise SamsError("This simulation records no gene programs (sVAE-style screens have none).")
+    return GeneSetCollection("simulated programs", dict(truth.program_sets), {k: f"genes driven by latent unit {v}" for k, v in truth.unit_of_program.items()})
