@@ -65,6 +65,16 @@ def _mask_rows(model, data, names: list[str]) -> np.ndarray | None:
     return p[[data.perturbations.index(n) for n in names]]
 
 
+def _fit(family: str, hp: dict, data, split, n_latent: int, args: argparse.Namespace):
+    """Train one model on the split; returns (model, seconds)."""
+    extra = dict(hp)
+    if family == "sams_vae":
+        extra.update(global_weight=args.global_weight, mask_init_logit=args.mask_init_logit)
+    t0 = time.perf_counter()
+    model, _ = train(data, family, split, TrainConfig(epochs=args.epochs, seed=args.seed), n_latent=n_latent, n_hidden=args.hidden, **extra)
+    return model, time.perf_counter() - t0
+
+
 def table_sams(args: argparse.Namespace) -> pd.DataFrame:
     adata = simulate_sams_screen(seed=args.seed)
     truth = truth_from_adata(adata)
@@ -73,12 +83,7 @@ def table_sams(args: argparse.Namespace) -> pd.DataFrame:
     tm = truth_masks_for(truth, data.perturbations)
     rows = []
     for name, family, hp in MODELS:
-        extra = dict(hp)
-        if family == "sams_vae":
-            extra.update(global_weight=args.global_weight, mask_init_logit=args.mask_init_logit)
-        t0 = time.perf_counter()
-        model, _ = train(data, family, split, TrainConfig(epochs=args.epochs, seed=args.seed), n_latent=truth.n_latent, n_hidden=args.hidden, **extra)
-        secs = time.perf_counter() - t0
+        model, secs = _fit(family, hp, data, split, truth.n_latent, args)
         ev = evaluate_model(model, data, split, n_ate_samples=1000, seed=args.seed, splits=("test",)).metrics.loc["test"]
         probs = _mask_rows(model, data, data.perturbations)
         f1 = mask_scores(tm, probs)["f1"] if probs is not None else np.nan
@@ -102,12 +107,7 @@ def table_svae(args: argparse.Namespace) -> pd.DataFrame:
     tm = truth_masks_for(truth, trained)
     rows = []
     for name, family, hp in [MODELS[4], MODELS[0]]:
-        extra = dict(hp)
-        if family == "sams_vae":
-            extra.update(global_weight=args.global_weight, mask_init_logit=args.mask_init_logit)
-        t0 = time.perf_counter()
-        model, _ = train(data, family, split, TrainConfig(epochs=args.epochs, seed=args.seed), n_latent=truth.n_latent, n_hidden=args.hidden, **extra)
-        secs = time.perf_counter() - t0
+        model, secs = _fit(family, hp, data, split, truth.n_latent, args)
         probs = _mask_rows(model, data, trained)
         tr = target_recovery(tm, probs)
         cells = np.flatnonzero(split != "test")

@@ -7,6 +7,7 @@ arrays from a trained model.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -78,6 +79,12 @@ def data_ate(data: PerturbationData, cells: np.ndarray | None = None, control_ce
 
 # ---------------------------------------------------------------------------------------------
 # model-side effects
+@contextlib.contextmanager
+def seeded(device: torch.device, seed: int):
+    """Run the block with its own seeded random stream, leaving the caller's untouched."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield
 @torch.no_grad()
 def model_ate_draws(
     model: PerturbationModel,
@@ -99,8 +106,7 @@ def model_ate_draws(
     """
     device = model.input_mean.device
     model.eval()
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
+    with seeded(device, seed):
         d = torch.as_tensor(np.vstack([np.zeros((1, d_rows.shape[1]), dtype=np.float32), d_rows]), device=device)
         globals_ = model.sample_globals(n_globals)
         out = model.predict(d, globals_, n_per_global)  # [n_globals * n_per_global, R+1, G]
@@ -171,8 +177,7 @@ def iwelbo(
         return np.zeros(0)
     device = model.input_mean.device
     model.eval()
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
+    with seeded(device, seed):
         globals_ = model.sample_globals(n_samples)
         dd = DeviceData(data, idx, device, condition_ids(model, data))
         bs = max(1, max_elements // (n_samples * max(data.n_genes, model.n_latent * 8)))
