@@ -37,3 +37,33 @@ def test_effect_scores_known_answers():
     assert shuffled["cosine_rank"] > 0.3 and abs(shuffled["ate_r"]) < 0.3
     scaled = effect_scores(obs, obs * 0.5)
     assert scaled["ate_r"] == pytest.approx(1) and scaled["ate_r2"] < 1
+
+
+def test_energy_distance_known_answers():
+    from sams_core.evaluate import energy_distance
+
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(200, 3))
+    assert energy_distance(a, a) == pytest.approx(0.0, abs=1e-12)
+    near = energy_distance(a, rng.normal(size=(200, 3)))
+    far = energy_distance(a, rng.normal(size=(200, 3)) + 3)
+    assert far > 10 * max(near, 1e-3)
+
+
+def test_compare_models_and_baselines_on_heldout(screen):
+    from sams_core.data import make_split
+    from sams_core.evaluate import compare_on_heldout
+    from sams_core.pipeline import SplitSpec, train_bundle
+    from sams_core.train import TrainConfig
+
+    data = from_anndata(screen[0])
+    spec = SplitSpec("heldout-combos", 0.67, seed=0)
+    bundle, _, _ = train_bundle(data, "sams_vae", spec, TrainConfig(epochs=15, lr=3e-3, batch_size=256), None,
+                                evaluate=False, n_latent=4, n_hidden=64)
+    split = spec.make(data)
+    t = compare_on_heldout({"SAMS-VAE": bundle}, data, split, n_cells=100, n_ate_samples=200).set_index("name")
+    assert list(t.index) == ["no change", "additive in data", "SAMS-VAE"]
+    assert t.loc["additive in data", "ate_r"] > 0.5
+    assert t.loc["no change", "energy_distance"] > t.loc["additive in data", "energy_distance"]
+    assert np.isfinite(t.loc["SAMS-VAE", "iwelbo"]) and np.isnan(t.loc["no change"].get("iwelbo", np.nan))
+    assert t.loc["SAMS-VAE", "energy_distance"] < t.loc["no change", "energy_distance"]
