@@ -256,7 +256,11 @@ def fit(
     val_idx = np.flatnonzero(split == VAL)
     tr = DeviceData(data, train_idx, device, cond)
     va = DeviceData(data, val_idx, device, cond) if val_idx.size else None
-    opt = torch.optim.Adam(model.parameter_groups(cfg.lr, cfg.global_lr_scale))
+    groups = [
+        {**g, "params": [p for p in g["params"] if p.requires_grad]}
+        for g in model.parameter_groups(cfg.lr, cfg.global_lr_scale)
+    ]
+    opt = torch.optim.Adam([g for g in groups if g["params"]])
     steps_per_epoch = max(1, math.ceil(tr.n / cfg.batch_size))
     epochs = cfg.epochs if cfg.max_steps is None else math.ceil(cfg.max_steps / steps_per_epoch)
     gen = torch.Generator(device=device)
@@ -370,5 +374,55 @@ def tqdm_progress(total_epochs: int, desc: str = "training") -> tuple[ProgressFn
 
 __all__ = [
     "TrainConfig", "TrainResult", "EpochRecord", "DeviceData", "fit", "train", "build_for_data",
-    "default_device", "condition_ids", "input_statistics", "tqdm_progress", "TEST",
+    "default_device", "condition_ids", "input_statistics", "tqdm_progress", "fit_new_conditions", "TEST",
 ]
+
+
+def fit_new_conditions(
+    model: SVAEPlus,
+    data: PerturbationData,
+    cells: np.ndarray,
+    config: TrainConfig | None = None,
+) -> tuple[SVAEPlus, TrainResult]:
+    """sVAE+'s out-of-domain protocol: learn only the shift and mask of unseen conditions.
+
+    The conditions of ``cells`` that the model does not know are added to its vocabulary; the
+    encoder, decoder and the known conditions stay frozen while the new conditions' shifts and
+    mask probabilities are fitted on ``cells``. Returns the extended model and its history.
+    """
+    if not isinstance(model, SVAEPlus):
+        raise SamsError("Only sVAE+ fits new conditions this way; SAMS-VAE composes them from their members.")
+    cells = np.asarray(cells)
+    known = {row.tobytes() for row in model.cond_dosages.detach().cpu().numpy().astype(np.float32)}
+    labels = data.labels[cells].astype(str)
+    new = sorted({lab for lab in labels if lab != "control" and data.dosage_row(lab).astype(np.float32).tobytes() not in known})
+    if not new:
+        raise SamsError("These cells hold no condition the model does not already know.")
+    A = model.n_conditions
+    hp = dict(model.hparams)
+    hp["n_conditions"] = A + len(new)
+    bigger = build_model(SVAEPlus.family, **hp)
+    state = model.state_dict()
+    with torch.no_grad():
+        for name, p in bigger.state_dict().items():
+            old = state[name]
+            if p.shape == old.shape:
+                p.copy_(old)
+            else:
+                p[:A].copy_(old)
+        rows = torch.as_tensor(np.stack([data.dosage_row(c) for c in new]))
+        bigger.cond_dosages[A:].copy_(rows)
+        bigger.cond_counts[A:].copy_(torch.as_tensor([(labels == c).sum() for c in new], dtype=torch.float32))
+    for name, p in bigger.named_parameters():
+        p.requires_grad_(name in ("shift", "pi_logits"))
+    keep_old = torch.zeros(A + len(new), 1)
+    keep_old[A:] = 1.0
+    bigger.shift.register_hook(lambda g: g * keep_old.to(g.device))
+    bigger.pi_logits.register_hook(lambda g: g * keep_old.to(g.device))
+    split = np.full(data.n_cells, TEST, dtype=object)
+    split[cells] = TRAIN
+    cfg = config or TrainConfig(epochs=50, lr=1e-2, global_lr_scale=1.0)
+    result = fit(bigger, data, split, cfg)
+    for p in bigger.parameters():
+        p.requires_grad_(True)
+    return bigger, result

@@ -131,3 +131,26 @@ def test_sparse_rows_gathered_on_device_match_dense(data_split):
     dense = DeviceData(data, idx, torch.device("cpu"), cond, dense=True)
     pick = torch.tensor([5, 0, 17, 17, 1000, 3])
     torch.testing.assert_close(sparse.batch(pick).x, dense.batch(pick).x)
+
+
+def test_svae_fits_heldout_perturbations_with_frozen_networks(screen):
+    from sams_core.train import fit_new_conditions
+
+    data = from_anndata(screen[0])
+    split = make_split(data, "heldout-perturbations", heldout=["TAL1"], seed=0)
+    model, _ = train(data, "svae_plus", split, TrainConfig(epochs=10, lr=3e-3, batch_size=256), n_latent=4, n_hidden=32)
+    test = np.flatnonzero(split == "test")
+    before = iwelbo(model, data, test, n_samples=20).mean()
+    frozen = {k: v.clone() for k, v in model.state_dict().items()}
+    ext, res = fit_new_conditions(model, data, test, TrainConfig(epochs=15, lr=3e-2, batch_size=256, global_lr_scale=1.0))
+    assert ext.n_conditions == model.n_conditions + 1
+    after = iwelbo(ext, data, test, n_samples=20).mean()
+    assert after > before, (before, after)
+    new_state = ext.state_dict()
+    for k, v in frozen.items():
+        if k.startswith(("encoder", "decoder", "likelihood")):
+            torch.testing.assert_close(new_state[k], v, msg=k)
+    A = model.n_conditions
+    torch.testing.assert_close(new_state["shift"][:A], frozen["shift"])
+    with pytest.raises(Exception, match="already know"):
+        fit_new_conditions(ext, data, test)
