@@ -226,7 +226,9 @@ def cosine_rank(pred: np.ndarray, obs: np.ndarray) -> np.ndarray:
         return np.full(n, np.nan)
     c = cosine_matrix(pred, obs)
     own = np.diag(c)
-    closer = (c > own[:, None]).sum(1)
+    off = ~np.eye(n, dtype=bool)
+    # ties count half, so a predictor that cannot tell perturbations apart scores 0.5
+    closer = ((c > own[:, None]) & off).sum(1) + 0.5 * ((c == own[:, None]) & off).sum(1)
     return closer / (n - 1)
 
 
