@@ -1,4 +1,4 @@
-"""Command line: ``python -m sams_core {train,evaluate,predict,simulate} ...``.
+"""Command line: ``python -m sams_core {train,evaluate,predict,simulate,build-demo} ...``.
 
 For people who train on a cluster and only browse in the app. Every subcommand explains its
 options with ``--help``; bad input ends with the message of the problem and exit code 2.
@@ -90,6 +90,7 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--out", default=None, help="CSV file (default: print to stdout)")
 
     sub.add_parser("simulate", help="simulate a screen with ground truth (see simulate --help)", add_help=False)
+    sub.add_parser("build-demo", help="rebuild the shipped demo screen and bundles in assets/demo (see build-demo --help)", add_help=False)
     return ap
 
 
@@ -194,6 +195,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from sams_core.simulate import simulate_main
 
         return simulate_main(argv[1:])
+    if argv and argv[0] == "build-demo":
+        from sams_core.demo import build_demo_main
+
+        return build_demo_main(argv[1:])
     args = _parser().parse_args(argv)
     try:
         return {"train": _cmd_train, "evaluate": _cmd_evaluate, "predict": _cmd_predict}[args.command](args)

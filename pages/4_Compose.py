@@ -1,0 +1,102 @@
+"""Compose: predict any combination (with dosages), with uncertainty, against data and baselines."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import streamlit as st
+
+from sams_core import app_state as S
+from sams_core import plots
+from sams_core.data import canonical_label
+from sams_core.interpret import additive_baseline
+
+st.set_page_config(page_title="Compose · SAMS Explorer", layout="wide")
+st.title("Compose")
+ctx = S.sidebar()
+if ctx is None:
+    st.stop()
+data, bundle = ctx.data, ctx.bundle
+perts = bundle.perturbations
+measured = set(ctx.measured())
+held = set(bundle.split_spec.get("test_conditions", []))
+combos = data.combinations()
+default = [m for m in (sorted(held)[0] if held else (combos[0] if combos else perts[0])).split("+") if m in perts] or perts[:1]
+
+c1, c2 = st.columns([2, 1])
+members = S.widget(c1.multiselect, "Perturbations", "compose_members", default, perts,
+                   help="Any combination, measured or not")
+level = S.widget(c2.slider, "Credible level", "compose_level", 0.9, min_value=0.5, max_value=0.99, step=0.01)
+if not members:
+    st.info("Pick at least one perturbation.")
+    st.stop()
+dcols = st.columns(min(len(members), 6))
+dose = {}
+for i, m in enumerate(members):
+    dose[m] = S.widget(dcols[i % len(dcols)].number_input, f"Dosage {m}", f"compose_dose_{m}", 1.0,
+                       min_value=0.0, max_value=5.0, step=0.25)
+dose = {m: float(v) for m, v in dose.items() if v > 0}
+if not dose:
+    st.info("All dosages are 0: that is the control.")
+    st.stop()
+
+pred = S.guarded(lambda: S.predict(ctx.model_key, bundle, tuple(sorted(dose.items())), float(level)))
+if pred is None:
+    st.stop()
+table = pred.table()
+label = canonical_label(list(dose), perts) if all(v == 1.0 for v in dose.values()) else pred.label
+is_measured = label in measured
+status = "held out (test)" if label in held else ("measured (train/val)" if is_measured else "not measured")
+st.subheader(f"{pred.label} — {status}")
+m = st.columns(4)
+m[0].metric("Interaction score", f"{pred.interaction_score:.3f}", help="‖combination − sum of singles‖ / ‖combination‖ (0 = additive)")
+m[1].metric("Effect norm", f"{np.linalg.norm(pred.mean):.2f}")
+m[2].metric("Mean interval width", f"{float((pred.upper - pred.lower).mean()):.3f}")
+m[3].metric("Genes with interval excluding 0", int(((pred.lower > 0) | (pred.upper < 0)).sum()))
+
+a, b = st.columns(2)
+with a:
+    S.chart(plots.top_genes_bar(table, 20, title=f"Top genes · {pred.label} ({level:.0%} interval)"), f"{pred.label}_top_genes", "compose_top")
+with b:
+    S.chart(plots.effect_volcano(table, title=f"Effect vs uncertainty · {pred.label}"), f"{pred.label}_volcano", "compose_volcano")
+
+a, b = st.columns(2)
+with a:
+    S.chart(plots.latent_shift_bar(pred.latent_shift, f"Latent shift · {pred.label}"), f"{pred.label}_latent_shift", "compose_shift")
+with b:
+    obs = S.observed(ctx.data_key, data)
+    if is_measured and label in obs.index:
+        S.chart(plots.observed_vs_predicted(obs.loc[label].to_numpy(), pred.mean, pred.genes, f"{pred.label}: observed vs predicted"),
+                f"{pred.label}_observed_vs_predicted", "compose_obs")
+    else:
+        st.info(f"{pred.label} was not measured, so there is no observed effect to compare with.")
+
+if len(dose) > 1:
+    st.markdown("**Against the sum of singles and the additive-in-data baseline**")
+    sum_singles = np.sum(list(pred.singles.values()), axis=0)
+    cmp = pd.DataFrame({"gene": pred.genes, "predicted": pred.mean, "sum of predicted singles": sum_singles})
+    if all(v == 1.0 for v in dose.values()):
+        add = additive_baseline(obs, [label]).iloc[0].to_numpy()
+        cmp["additive in data"] = add
+    if is_measured and label in obs.index:
+        cmp["observed"] = obs.loc[label].to_numpy()
+    a, b = st.columns(2)
+    with a:
+        S.chart(plots.observed_vs_predicted(cmp["sum of predicted singles"].to_numpy(), pred.mean, pred.genes, "Sum of singles vs combination")
+                .update_xaxes(title="sum of predicted singles (log2 FC)"), f"{pred.label}_vs_sum_of_singles", "compose_sum")
+    with b:
+        if "additive in data" in cmp and np.isfinite(cmp["additive in data"]).any():
+            S.chart(plots.observed_vs_predicted(cmp["additive in data"].to_numpy(), pred.mean, pred.genes, "Additive-in-data vs model")
+                    .update_xaxes(title="sum of observed singles (log2 FC)"), f"{pred.label}_vs_additive", "compose_add")
+    with st.expander("Per-gene table"):
+        S.show_table(cmp.merge(table, on="gene"), f"{pred.label}_comparison", "compose_cmp", height=300)
+else:
+    with st.expander("Per-gene table"):
+        S.show_table(table, f"{pred.label}_effects", "compose_table", height=300)
+
+st.subheader("Which pair to measure next")
+st.caption("Unmeasured pairs of measured singles, ranked by predicted interaction, then by uncertainty.")
+if S.widget(st.toggle, "Rank unmeasured pairs", "compose_rank", True):
+    pairs = S.guarded(lambda: S.unmeasured_pairs(ctx.model_key, bundle, tuple(sorted(measured))))
+    if pairs is not None:
+        S.show_table(pairs, "unmeasured_pairs", "compose_pairs", height=300)

@@ -1,0 +1,70 @@
+"""Compare: every model of this dataset on the same held-out split, against data-only baselines."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import streamlit as st
+import torch
+
+from sams_core import app_state as S
+from sams_core import plots
+
+st.set_page_config(page_title="Compare · SAMS Explorer", layout="wide")
+st.title("Compare")
+ctx = S.sidebar()
+if ctx is None:
+    st.stop()
+data, split = ctx.data, ctx.split
+spec = ctx.bundle.split_spec
+names = [n for n in ctx.models]
+chosen = S.widget(st.multiselect, "Models", "compare_models", names, names)
+bundles = {}
+for n in chosen:
+    b = S.guarded(lambda n=n: ctx.bundle_of(n))
+    if b is None:
+        continue
+    if b.split_spec.get("test_conditions") != spec.get("test_conditions"):
+        st.caption(f"{n}: trained on another split — left out.")
+        continue
+    bundles[n] = b
+if not bundles:
+    st.info("Choose at least one model trained on this split.")
+    st.stop()
+st.caption(f"Split: {spec.get('kind')} · held-out conditions: {', '.join(spec.get('test_conditions', []))}")
+keys = tuple(f"{n}:{b.checksum()}" for n, b in bundles.items())
+table = S.guarded(lambda: S.comparison(ctx.data_key, keys, bundles, data, split))
+if table is None:
+    st.stop()
+labels = {n: b.label for n, b in bundles.items()}
+table.insert(1, "model", [labels.get(n, n) for n in table["name"]])
+
+truth = ctx.truth
+if truth is not None:
+    from sams_core.simulate import truth_masks_for
+    from sams_core.truth import mask_scores
+
+    f1 = []
+    for n in table["name"]:
+        b = bundles.get(n)
+        val = np.nan
+        if b is not None and b.mask_rows == b.perturbations:
+            with torch.no_grad():
+                p = b.model.mask_probs()
+            if p is not None:
+                val = mask_scores(truth_masks_for(truth, b.perturbations), p.cpu().numpy())["f1"]
+        f1.append(val)
+    table["mask_f1"] = f1
+
+for _, r in table[table["collapsed"]].iterrows():
+    st.warning(f"{r['model']} looks collapsed: its predicted effects are nearly the same for every held-out condition.")
+
+S.show_table(table, "heldout_comparison", "compare_table")
+metric_opts = [c for c in ["ate_r", "ate_r2", "ate_r_top20", "ate_r2_top20", "cosine", "cosine_rank", "energy_distance", "iwelbo", "mask_f1"] if c in table]
+metrics = S.widget(st.multiselect, "Metrics to plot", "compare_metrics", [m for m in ["ate_r_top20", "cosine", "energy_distance", "mask_f1"] if m in metric_opts], metric_opts)
+if metrics:
+    fig = plots.comparison_bars(table.assign(name=table["model"]), metrics, title="Held-out comparison (grey = baselines)")
+    S.chart(fig, "heldout_comparison", "compare_bars")
+st.caption("ate_r / R²: correlation of predicted and observed effects over genes (top20 = the 20 most changed genes); "
+           "cosine_rank: lower is better; energy_distance: held-out vs predicted cells in PCA space, lower is better; "
+           "mask_f1: recovery of the simulator's true masks.")

@@ -1,0 +1,78 @@
+"""Train: fit a model on the chosen screen with a live loss curve; save it under runs/."""
+
+from __future__ import annotations
+
+import re
+
+import streamlit as st
+
+from sams_core import app_state as S
+from sams_core import plots
+from sams_core.errors import SamsError
+
+st.set_page_config(page_title="Train · SAMS Explorer", layout="wide")
+st.title("Train")
+ctx = S.sidebar()
+if ctx is None:
+    st.stop()
+st.caption(f"Data: {ctx.data_label}")
+FAMILIES = ["sams_vae", "svae_plus", "cpa_vae", "conditional_vae", "vae"]
+SPLITS = ["heldout-combos", "random", "data-efficiency", "heldout-perturbations"]
+c = st.columns(3)
+family = S.widget(c[0].selectbox, "Model family", "train_family", "sams_vae", FAMILIES)
+guide = S.widget(c[1].selectbox, "Guide (SAMS-VAE)", "train_guide", "mean-field", ["mean-field", "correlated"], disabled=family != "sams_vae")
+split_kind = S.widget(c[2].selectbox, "Split", "train_split", "heldout-combos", SPLITS)
+c = st.columns(4)
+n_latent = S.widget(c[0].number_input, "Latent units", "train_latent", 6, min_value=1, max_value=100, step=1)
+n_hidden = S.widget(c[1].number_input, "Hidden units", "train_hidden", 64, min_value=8, max_value=1024, step=8)
+epochs = S.widget(c[2].number_input, "Epochs", "train_epochs", 20, min_value=1, max_value=2000, step=10)
+fraction = S.widget(c[3].number_input, "Held-out fraction", "train_fraction", 0.25, min_value=0.0, max_value=0.9, step=0.05)
+default_name = f"{family}{'_' + guide if family == 'sams_vae' else ''}_{n_latent}u_{epochs}ep"
+name = st.text_input("Run name", default_name, key=f"train_name_{default_name}")
+
+if st.button("Start training", type="primary", key="train_start"):
+    from sams_core.pipeline import SplitSpec, train_bundle
+    from sams_core.train import TrainConfig
+
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("._") or "run"
+    out = S.RUNS_DIR / f"{safe}.sams"
+    bar = st.progress(0.0, text="Starting…")
+    live = st.empty()
+    hist: list[dict] = []
+
+    def progress(rec) -> None:
+        hist.append(rec.as_dict())
+        bar.progress(min(1.0, rec.epoch / max(rec.total_epochs, 1)),
+                     text=f"epoch {rec.epoch}/{rec.total_epochs} · train loss {rec.train_loss:.2f}"
+                     + (f" · val {rec.val_loss:.2f}" if rec.val_loss is not None else ""))
+        if rec.epoch == rec.total_epochs or rec.epoch % max(1, rec.total_epochs // 20) == 0:
+            live.plotly_chart(plots.history_figure(hist, "Training loss (live)"), width="stretch", key=f"train_live_{rec.epoch}")
+
+    try:
+        data = S._plain_data(ctx.data_key, ctx.adata)
+        hp = {"n_latent": int(n_latent), "n_hidden": int(n_hidden)}
+        if family == "sams_vae":
+            hp.update(guide=guide, global_weight=10.0, mask_init_logit=-3.0)
+        S.RUNS_DIR.mkdir(parents=True, exist_ok=True)
+        bundle, result, ev = train_bundle(data, family, SplitSpec(split_kind, float(fraction)), TrainConfig(epochs=int(epochs), batch_size=256),
+                                          out, progress=progress, n_ate_samples=500, **hp)
+    except SamsError as e:
+        st.error(str(e))
+    except Exception as e:  # noqa: BLE001
+        st.error(f"Training failed: {type(e).__name__}: {e}")
+    else:
+        bar.progress(1.0, text=f"Done in {result.seconds:.1f} s (best epoch {result.best_epoch})")
+        st.success(f"Saved {out} — choose **runs/{out.name}** as the model in the sidebar.")
+        if ev is not None and not ev.metrics.empty:
+            S.show_table(ev.metrics.reset_index(), f"{safe}_metrics", "train_metrics")
+        ss = st.session_state
+        ss["train_last"] = f"runs/{out.name}"
+
+runs = S.run_bundles()
+if runs:
+    st.subheader("Saved runs")
+    st.write(", ".join(runs))
+    if st.session_state.get("train_last") in runs and st.button(f"Open {st.session_state['train_last']}", key="train_open"):
+        st.session_state.pop("w_model", None)
+        S.remember("model", st.session_state["train_last"])
+        st.switch_page("app.py")

@@ -1,0 +1,261 @@
+"""Figures of the dashboard as pure functions: data in, Plotly figure out (no Streamlit).
+
+Every function returns a ``plotly.graph_objects.Figure``; :func:`figure_bytes` exports one as
+PNG / SVG / PDF (kaleido, a local Chromium) or a self-contained offline HTML page.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+import plotly.express as px
+import plotly.graph_objects as go
+
+from sams_core.errors import SamsError
+
+TEMPLATE = "plotly_white"
+FORMATS = ("png", "svg", "pdf", "html")
+MIME = {"png": "image/png", "svg": "image/svg+xml", "pdf": "application/pdf", "html": "text/html"}
+
+
+def _layout(fig: go.Figure, title: str | None = None, height: int | None = None) -> go.Figure:
+    fig.update_layout(template=TEMPLATE, title=title, margin=dict(l=10, r=10, t=50 if title else 20, b=10))
+    if height:
+        fig.update_layout(height=height)
+    return fig
+
+
+def _orders(values: np.ndarray, cluster: bool) -> tuple[np.ndarray, np.ndarray]:
+    if not cluster or values.shape[0] == 0 or values.shape[1] == 0:
+        return np.arange(values.shape[0]), np.arange(values.shape[1])
+    from sams_core.interpret import heatmap_orders
+
+    return heatmap_orders(values)
+
+
+def matrix_heatmap(
+    values: np.ndarray,
+    rows: Sequence[str],
+    cols: Sequence[str],
+    title: str | None = None,
+    colorscale: str = "Blues",
+    zmin: float | None = None,
+    zmax: float | None = None,
+    zmid: float | None = None,
+    colorbar: str = "",
+    row_order: np.ndarray | None = None,
+    col_order: np.ndarray | None = None,
+    highlight: str | None = None,
+) -> go.Figure:
+    """A labelled heatmap of ``values`` [rows × cols] in the given row/column orders."""
+    v = np.asarray(values, dtype=float)
+    ro = np.arange(v.shape[0]) if row_order is None else np.asarray(row_order)
+    co = np.arange(v.shape[1]) if col_order is None else np.asarray(col_order)
+    r = [str(rows[i]) for i in ro]
+    c = [str(cols[j]) for j in co]
+    fig = go.Figure(go.Heatmap(
+        z=v[np.ix_(ro, co)], x=c, y=r, colorscale=colorscale, zmin=zmin, zmax=zmax, zmid=zmid,
+        colorbar=dict(title=colorbar), hovertemplate="%{y} · %{x}<br>%{z:.3f}<extra></extra>",
+    ))
+    fig.update_yaxes(autorange="reversed", type="category")
+    fig.update_xaxes(type="category", side="bottom")
+    if highlight is not None and highlight in r:
+        fig.add_shape(type="rect", xref="paper", x0=0, x1=1, yref="y", y0=r.index(highlight) - 0.5,
+                      y1=r.index(highlight) + 0.5, line=dict(color="crimson", width=2))
+    return _layout(fig, title, height=max(300, 22 * len(r) + 120))
+
+
+def mask_heatmap(
+    probs: np.ndarray,
+    rows: Sequence[str],
+    units: Sequence[str] | None = None,
+    threshold: float | None = None,
+    cluster: bool = True,
+    title: str = "Mask probabilities",
+    highlight: str | None = None,
+    orders: tuple[np.ndarray, np.ndarray] | None = None,
+) -> go.Figure:
+    """Perturbations × units mask probabilities; with ``threshold`` entries below it show as 0."""
+    p = np.asarray(probs, dtype=float)
+    units = list(units) if units is not None else [f"unit {k}" for k in range(p.shape[1])]
+    ro, co = orders if orders is not None else _orders(p, cluster)
+    shown = np.where(p >= threshold, p, 0.0) if threshold is not None else p
+    t = title + (f" (≥ {threshold:g})" if threshold is not None else "")
+    return matrix_heatmap(shown, rows, units, t, "Blues", 0.0, 1.0, None, "P(mask)", ro, co, highlight)
+
+
+def embedding_heatmap(
+    values: np.ndarray,
+    rows: Sequence[str],
+    units: Sequence[str] | None = None,
+    title: str = "Embedding (latent shift per unit)",
+    orders: tuple[np.ndarray, np.ndarray] | None = None,
+    highlight: str | None = None,
+) -> go.Figure:
+    """Perturbations × units embedding values (diverging colours around 0)."""
+    v = np.asarray(values, dtype=float)
+    units = list(units) if units is not None else [f"unit {k}" for k in range(v.shape[1])]
+    ro, co = orders if orders is not None else _orders(v, True)
+    m = float(np.nanmax(np.abs(v))) if v.size else 1.0
+    return matrix_heatmap(v, rows, units, title, "RdBu_r", -m, m, 0.0, "shift", ro, co, highlight)
+
+
+def history_figure(history: Sequence[dict] | pd.DataFrame, title: str = "Training loss") -> go.Figure:
+    """Train and validation loss per epoch (a training history as records or a table)."""
+    h = pd.DataFrame(history)
+    fig = go.Figure()
+    if not h.empty and "epoch" in h:
+        for col, name in (("train_loss", "train"), ("val_loss", "validation")):
+            if col in h and h[col].notna().any():
+                fig.add_trace(go.Scatter(x=h["epoch"], y=h[col], mode="lines+markers", name=name, marker=dict(size=4)))
+    fig.update_xaxes(title="epoch")
+    fig.update_yaxes(title="loss (−ELBO per cell)")
+    return _layout(fig, title, height=320)
+
+
+def umap_scatter(
+    coords: np.ndarray,
+    color: Sequence | np.ndarray,
+    hover: Sequence[str] | None = None,
+    color_label: str = "perturbation",
+    continuous: bool = False,
+    title: str = "UMAP of cell latents",
+    max_categories: int = 30,
+) -> go.Figure:
+    """Cells in 2-D coloured by a category (perturbation, targeted, covariate) or a value."""
+    xy = np.asarray(coords, dtype=float)
+    df = pd.DataFrame({"UMAP 1": xy[:, 0], "UMAP 2": xy[:, 1]})
+    df[color_label] = np.asarray(color) if continuous else np.asarray(color).astype(str)
+    df["perturbation"] = np.asarray(hover).astype(str) if hover is not None else df[color_label]
+    if not continuous and df[color_label].nunique() > max_categories:
+        top = df[color_label].value_counts().index[: max_categories - 1]
+        df[color_label] = df[color_label].where(df[color_label].isin(top), "other")
+    hover_data = {"perturbation": True, "UMAP 1": False, "UMAP 2": False}
+    if color_label != "perturbation":
+        hover_data[color_label] = True
+    if continuous:
+        fig = px.scatter(df, x="UMAP 1", y="UMAP 2", color=color_label, hover_data=hover_data,
+                         color_continuous_scale="RdBu_r", color_continuous_midpoint=0.0)
+    else:
+        order = sorted(df[color_label].unique(), key=lambda s: (s in ("control", "other"), s))
+        fig = px.scatter(df, x="UMAP 1", y="UMAP 2", color=color_label, hover_data=hover_data,
+                         category_orders={color_label: order},
+                         color_discrete_sequence=px.colors.qualitative.Dark24 + px.colors.qualitative.Light24)
+    fig.update_traces(marker=dict(size=4, opacity=0.75))
+    fig.update_xaxes(showticklabels=False)
+    fig.update_yaxes(showticklabels=False, scaleanchor="x", scaleratio=1)
+    return _layout(fig, title, height=560)
+
+
+def top_genes_bar(table: pd.DataFrame, n: int = 20, value: str = "effect", title: str | None = None) -> go.Figure:
+    """The ``n`` genes with the largest |``value``| as bars, with interval error bars when the
+    table has ``lower``/``upper`` columns (an :meth:`EffectPrediction.table`)."""
+    t = table.reindex(table[value].abs().sort_values(ascending=False).index).head(n).iloc[::-1]
+    err = None
+    if {"lower", "upper"} <= set(t.columns):
+        err = dict(type="data", symmetric=False, array=(t["upper"] - t[value]).to_numpy(),
+                   arrayminus=(t[value] - t["lower"]).to_numpy(), color="#444", thickness=1)
+    colors = np.where(t[value] >= 0, "#c0392b", "#2e86c1")
+    fig = go.Figure(go.Bar(x=t[value], y=t["gene"], orientation="h", error_x=err, marker_color=colors,
+                           hovertemplate="%{y}: %{x:.3f}<extra></extra>"))
+    fig.update_xaxes(title=value if value != "effect" else "log2 fold change", zeroline=True)
+    fig.update_yaxes(type="category")
+    return _layout(fig, title or f"Top {min(n, len(table))} genes", height=max(320, 20 * len(t) + 100))
+
+
+def effect_volcano(table: pd.DataFrame, title: str | None = None, n_labels: int = 10) -> go.Figure:
+    """Volcano-style: predicted effect (x) against the width of its interval (y, lower = surer);
+    genes whose interval excludes 0 are highlighted."""
+    t = table.copy()
+    t["interval width"] = t["upper"] - t["lower"]
+    t["excludes 0"] = np.where((t["lower"] > 0) | (t["upper"] < 0), "interval excludes 0", "interval covers 0")
+    fig = px.scatter(t, x="effect", y="interval width", color="excludes 0", hover_name="gene",
+                     color_discrete_map={"interval excludes 0": "#c0392b", "interval covers 0": "#aaaaaa"},
+                     hover_data={"lower": ":.3f", "upper": ":.3f", "excludes 0": False})
+    lab = t.reindex(t["effect"].abs().sort_values(ascending=False).index).head(n_labels)
+    for _, r in lab.iterrows():
+        fig.add_annotation(x=r["effect"], y=r["interval width"], text=str(r["gene"]), showarrow=False, yshift=9, font=dict(size=10))
+    fig.update_yaxes(autorange="reversed", title="interval width (lower = more certain)")
+    fig.update_xaxes(title="predicted log2 fold change")
+    fig.update_layout(legend_title_text="")
+    return _layout(fig, title or "Effect vs uncertainty", height=420)
+
+
+def observed_vs_predicted(observed: np.ndarray, predicted: np.ndarray, genes: Sequence[str], title: str = "Observed vs predicted") -> go.Figure:
+    """Per-gene observed against predicted effect, with Pearson r in the title."""
+    o = np.asarray(observed, dtype=float)
+    p = np.asarray(predicted, dtype=float)
+    ok = np.isfinite(o) & np.isfinite(p)
+    r = float(np.corrcoef(o[ok], p[ok])[0, 1]) if ok.sum() > 2 and o[ok].std() > 0 and p[ok].std() > 0 else float("nan")
+    fig = go.Figure(go.Scatter(x=o, y=p, mode="markers", text=list(genes), marker=dict(size=6, opacity=0.7),
+                               hovertemplate="%{text}<br>observed %{x:.3f}<br>predicted %{y:.3f}<extra></extra>"))
+    lo = float(np.nanmin(np.concatenate([o, p]))) if o.size else 0.0
+    hi = float(np.nanmax(np.concatenate([o, p]))) if o.size else 1.0
+    fig.add_trace(go.Scatter(x=[lo, hi], y=[lo, hi], mode="lines", line=dict(dash="dash", color="grey"), showlegend=False, hoverinfo="skip"))
+    fig.update_xaxes(title="observed log2 fold change")
+    fig.update_yaxes(title="predicted log2 fold change")
+    fig.update_layout(showlegend=False)
+    return _layout(fig, f"{title} (r = {r:.3f})", height=420)
+
+
+def latent_shift_bar(shift: np.ndarray, title: str = "Latent shift") -> go.Figure:
+    """Expected latent shift per unit of a combination."""
+    s = np.asarray(shift, dtype=float)
+    fig = go.Figure(go.Bar(x=[f"unit {k}" for k in range(s.size)], y=s, marker_color=np.where(s >= 0, "#c0392b", "#2e86c1")))
+    fig.update_yaxes(title="shift")
+    fig.update_xaxes(type="category")
+    return _layout(fig, title, height=300)
+
+
+def enrichment_heatmap(table: pd.DataFrame, n_sets: int = 25, title: str = "Unit × gene-set enrichment") -> go.Figure:
+    """Units × gene sets, −log10 q (signed by the statistic's direction where it has one), for the
+    sets with the smallest q in any unit (a :func:`unit_enrichment` table)."""
+    if table is None or table.empty:
+        raise SamsError("No enrichment results to show: no gene set passed the size filter.")
+    t = table.copy()
+    t["score"] = -np.log10(t["q"].clip(lower=1e-300).astype(float))
+    if "direction" in t:
+        t["score"] *= np.where(t["direction"].astype(str).str.startswith("down"), -1.0, 1.0)
+    best = t.groupby("set")["q"].min().sort_values().index[:n_sets]
+    m = t[t["set"].isin(best)].pivot_table(index="set", columns="unit", values="score", aggfunc="first").reindex(best)
+    m = m.fillna(0.0)
+    m.columns = [f"unit {c}" for c in m.columns]
+    desc = dict(zip(t["set"], t.get("description", t["set"])))
+    rows = [f"{s} {str(desc.get(s, ''))[:40]}".strip() if str(desc.get(s, "")) and str(desc.get(s, "")) != s else s for s in m.index]
+    mx = float(np.abs(m.to_numpy()).max()) or 1.0
+    signed = "direction" in t
+    return matrix_heatmap(m.to_numpy(), rows, list(m.columns), title, "RdBu_r" if signed else "Reds",
+                          -mx if signed else 0.0, mx, 0.0 if signed else None, "−log10 q" + (" (signed)" if signed else ""),
+                          None, None)
+
+
+def comparison_bars(table: pd.DataFrame, metrics: Sequence[str], name: str = "name", title: str = "Held-out comparison") -> go.Figure:
+    """One panel per metric, one bar per model / baseline (a :func:`compare_on_heldout` table)."""
+    from plotly.subplots import make_subplots
+
+    metrics = [m for m in metrics if m in table.columns]
+    if not metrics:
+        raise SamsError("None of the chosen metrics is in the comparison table.")
+    fig = make_subplots(rows=1, cols=len(metrics), subplot_titles=metrics)
+    kinds = table["kind"] if "kind" in table else pd.Series("model", index=table.index)
+    colors = np.where(kinds == "baseline", "#95a5a6", "#2e86c1")
+    for i, m in enumerate(metrics, start=1):
+        fig.add_trace(go.Bar(x=table[name].astype(str), y=table[m], marker_color=colors, showlegend=False,
+                             hovertemplate="%{x}: %{y:.3f}<extra>" + m + "</extra>"), row=1, col=i)
+    fig.update_xaxes(tickangle=-35)
+    return _layout(fig, title, height=420)
+
+
+def figure_bytes(fig: go.Figure, fmt: str, width: int | None = None, height: int | None = None, scale: float = 2.0) -> bytes:
+    """The figure as ``png``, ``svg``, ``pdf`` (kaleido, a local Chromium) or offline ``html``."""
+    fmt = fmt.lower()
+    if fmt == "html":
+        return fig.to_html(include_plotlyjs=True, full_html=True).encode("utf-8")
+    if fmt not in FORMATS:
+        raise SamsError(f"Unknown figure format {fmt!r}: use one of {', '.join(FORMATS)}.")
+    try:
+        return fig.to_image(format=fmt, width=width, height=height, scale=scale if fmt == "png" else 1)
+    except Exception as e:  # kaleido needs Chrome/Chromium
+        raise SamsError(f"Could not export the figure as {fmt.upper()}: {e}. Install Chromium (kaleido uses it) or download HTML.") from e
