@@ -1,0 +1,79 @@
+"""End to end in headless Chromium: every page renders its charts with no error box.
+
+Needs Debian's chromium at /usr/bin/chromium (``.ci/run`` installs it); skipped without it.
+Screenshots go to ``$SAMS_SCREENSHOTS`` (default: a temporary folder).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+CHROMIUM = "/usr/bin/chromium"
+PAGES = [("", True), ("Masks", True), ("Latent_space", True), ("Gene_programs", True), ("Compose", True), ("Compare", True), ("Train", False)]
+
+pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian chromium not installed")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    port = _free_port()
+    env = {**os.environ, "SAMS_CACHE_DIR": str(tmp_path_factory.mktemp("cache"))}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "streamlit", "run", str(ROOT / "app.py"), "--server.port", str(port),
+         "--server.address", "127.0.0.1", "--server.headless", "true", "--browser.gatherUsageStats", "false"],
+        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(60):
+        try:
+            urllib.request.urlopen(url + "/_stcore/health", timeout=1)
+            break
+        except OSError:
+            time.sleep(0.5)
+    else:
+        proc.kill()
+        pytest.fail("the Streamlit server did not start")
+    yield url
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+def test_every_page_renders_charts(server, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    shots = Path(os.environ.get("SAMS_SCREENSHOTS", tmp_path))
+    shots.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync"])
+        try:
+            for name, has_chart in PAGES:
+                page = browser.new_page(viewport={"width": 1400, "height": 1000})
+                page.goto(f"{server}/{name}", wait_until="networkidle")
+                if has_chart:
+                    page.wait_for_selector(".main-svg", timeout=180_000)
+                else:
+                    page.wait_for_selector("h1", timeout=60_000)
+                page.wait_for_timeout(1000)
+                page.screenshot(path=str(shots / f"{name or 'home'}.png"))
+                assert not page.query_selector_all('[data-testid="stException"]'), f"{name or 'home'} shows an exception"
+                assert not page.query_selector_all('[data-testid="stAlertContentError"]'), f"{name or 'home'} shows an error"
+                page.close()
+        finally:
+            browser.close()
