@@ -18,45 +18,55 @@ st.write(
     "in the sidebar (the shipped demo is a simulated screen with its answer key), then open a page."
 )
 
-ctx = S.sidebar()
-if ctx is None:
+sel = S.choose()
+manifest = sel.manifest() if sel is not None else None
+if manifest is None:
     st.stop()
 
-data, bundle = ctx.data, ctx.bundle
-combos = data.combinations()
-n_ctrl = int(data.control_mask.sum())
-st.subheader(f"{ctx.data_label} · {bundle.label}")
-c = st.columns(6)
-c[0].metric("Cells", f"{data.n_cells:,}")
-c[1].metric("Genes", f"{data.n_genes:,}")
-c[2].metric("Perturbations", data.n_perturbations)
-c[3].metric("Combinations", len(combos))
-c[4].metric("Control cells", f"{n_ctrl:,}")
-c[5].metric("Model family", bundle.family)
+# What the bundle's manifest holds is shown first; the screen and the model itself (PyTorch,
+# AnnData) load after, so the first chart does not wait for them.
+from sams_core.manifest import model_label  # noqa: E402
 
+label = model_label(manifest)
+st.subheader(f"{sel.data_label} · {label}")
+summary = st.container()
 left, right = st.columns([3, 2])
+history = manifest.get("training", {}).get("history", [])
 with left:
-    if bundle.history:
-        S.chart(plots.history_figure(bundle.history, f"Training loss · {bundle.label}"), "training_loss", "home_history")
+    if history:
+        S.chart(plots.history_figure(history, f"Training loss · {label}"), "training_loss", "home_history")
     else:
         st.info("This bundle records no training history.")
 with right:
     st.markdown("**Held-out metrics** (from the bundle)")
-    if bundle.metrics:
-        m = pd.DataFrame(bundle.metrics).T
+    metrics = manifest.get("metrics", {})
+    if metrics:
+        m = pd.DataFrame(metrics).T
         m.index.name = "split"
         S.show_table(m.reset_index(), "metrics", "home_metrics")
     else:
         st.info("This bundle records no metrics.")
-    spec = bundle.split_spec
+    spec = manifest.get("split", {})
     if spec:
         st.markdown(
             f"**Split**: {spec.get('kind')} (fraction {spec.get('fraction')}, seed {spec.get('seed')}); "
             f"held out: {', '.join(spec.get('test_conditions', [])[:12]) or '—'}"
         )
-    hp = bundle.manifest.get("hparams", {})
     with st.expander("Hyper-parameters"):
-        st.json(hp)
+        st.json(manifest.get("hparams", {}))
+
+with summary:
+    ctx = S.load(sel)
+    if ctx is None:
+        st.stop()
+    data, bundle = ctx.data, ctx.bundle
+    c = st.columns(6)
+    c[0].metric("Cells", f"{data.n_cells:,}")
+    c[1].metric("Genes", f"{data.n_genes:,}")
+    c[2].metric("Perturbations", data.n_perturbations)
+    c[3].metric("Combinations", len(data.combinations()))
+    c[4].metric("Control cells", f"{int(data.control_mask.sum()):,}")
+    c[5].metric("Model family", bundle.family)
     if ctx.truth is not None:
         st.success("Simulated data: the answer key (`uns['sams_truth']`) is shown beside the model where it applies.")
 

@@ -192,9 +192,37 @@ def _sha(b: bytes) -> str:
     return hashlib.sha256(b).hexdigest()[:12]
 
 
+@dataclass
+class Selection:
+    """What the sidebar has chosen, before anything heavy is loaded."""
+
+    source: str
+    data_src: tuple[str, bytes | None]
+    data_label: str
+    models: dict[str, tuple[str, bytes | None]]
+    model_name: str
+
+    def manifest(self) -> dict[str, Any] | None:
+        """The chosen bundle's manifest (no model built), or None after showing what went wrong."""
+        return guarded(lambda: _manifest(*self.models[self.model_name]))
+
+
+@st.cache_data(show_spinner=False, max_entries=50)
+def _manifest(source: str, content: bytes | None = None) -> dict[str, Any]:
+    from sams_core.manifest import read_manifest
+
+    return read_manifest(content if content is not None else source)
+
+
 def sidebar() -> Context | None:
     """Dataset and model choosers in the sidebar; the loaded :class:`Context`, or None after
     showing what went wrong."""
+    sel = choose()
+    return load(sel) if sel is not None else None
+
+
+def choose() -> Selection | None:
+    """Dataset and model choosers in the sidebar (nothing loaded yet); None when incomplete."""
     sb = st.sidebar
     sb.header("Data and model")
     source = widget(sb.radio, "Dataset", "dataset", "demo", SOURCES, format_func=SOURCE_LABELS.get)
@@ -233,6 +261,13 @@ def sidebar() -> Context | None:
         return None
     names = list(models)
     model_name = widget(sb.selectbox, "Model", "model", names[0], names)
+    return Selection(source, data_src, label, models, model_name)
+
+
+def load(sel: Selection) -> Context | None:
+    """The chosen screen and model loaded and matched; None after showing what went wrong."""
+    source, data_src, label, models, model_name = sel.source, sel.data_src, sel.data_label, sel.models, sel.model_name
+    sb = st.sidebar
     try:
         adata = _adata(*data_src)
         bundle = _bundle(*models[model_name])
@@ -368,7 +403,7 @@ def mask_truth(ctx: Context):
 
 
 __all__ = [
-    "Context", "sidebar", "widget", "remember", "recalled", "predict", "observed", "unmeasured_pairs", "loadings",
+    "Context", "Selection", "sidebar", "choose", "load", "widget", "remember", "recalled", "predict", "observed", "unmeasured_pairs", "loadings",
     "enrichment", "embedding", "comparison", "chart", "figure_downloads", "table_download", "show_table", "guarded",
     "mask_truth", "run_bundles", "demo_bundles", "RUNS_DIR", "io",
 ]

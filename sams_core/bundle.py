@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import hashlib
-import io
 import json
 import zipfile
 from dataclasses import dataclass
@@ -25,12 +24,9 @@ from safetensors.torch import save as st_save
 
 from sams_core import __version__
 from sams_core.errors import SamsError
-from sams_core.models import FAMILIES, FAMILY_LABELS, PerturbationModel, build_model
+from sams_core.manifest import FORMAT, FORMAT_VERSION, MANIFEST, WEIGHTS, model_label, parse_manifest, read_parts
+from sams_core.models import FAMILIES, PerturbationModel, build_model
 
-FORMAT = "sams-bundle"
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
-WEIGHTS = "weights.safetensors"
 
 
 @dataclass
@@ -48,9 +44,7 @@ class ModelBundle:
     @property
     def label(self) -> str:
         """Human name of the model, e.g. "SAMS-VAE (correlated)"."""
-        fam = FAMILY_LABELS.get(self.family, self.family)
-        guide = self.manifest["hparams"].get("guide")
-        return f"{fam} ({guide})" if guide and self.family == "sams_vae" else fam
+        return model_label(self.manifest)
 
     @property
     def genes(self) -> list[str]:
@@ -160,57 +154,14 @@ def save_bundle(path: str | Path, model: PerturbationModel, manifest: dict[str, 
     return p
 
 
-def _read_parts(source: str | Path | bytes) -> tuple[bytes, bytes, Path | None]:
-    if isinstance(source, (bytes, bytearray)):
-        buf: Any = io.BytesIO(source)
-        where = "the uploaded bundle"
-        path = None
-    else:
-        path = Path(source)
-        where = str(path)
-        if not path.exists():
-            raise SamsError(f"Bundle not found: {path}. Check the path.")
-        if path.is_dir():
-            m, w = path / MANIFEST, path / WEIGHTS
-            if not m.exists() or not w.exists():
-                raise SamsError(f"{path} is a folder without {MANIFEST} and {WEIGHTS}: not a model bundle.")
-            return m.read_bytes(), w.read_bytes(), path
-        buf = path
-    try:
-        with zipfile.ZipFile(buf) as z:
-            names = set(z.namelist())
-            if MANIFEST not in names or WEIGHTS not in names:
-                raise SamsError(f"{where} lacks {MANIFEST} or {WEIGHTS}: not a SAMS model bundle.")
-            return z.read(MANIFEST), z.read(WEIGHTS), path
-    except zipfile.BadZipFile as exc:
-        raise SamsError(
-            f"{where} is truncated or not a SAMS model bundle ({exc}). Re-export it from the trained model."
-        ) from exc
-    except (OSError, EOFError, ValueError) as exc:  # damaged archive members
-        if isinstance(exc, SamsError):
-            raise
-        raise SamsError(f"{where} is damaged ({exc}). Re-export it from the trained model.") from exc
-
-
 def load_bundle(source: str | Path | bytes, device: str | torch.device | None = None) -> ModelBundle:
     """Read a bundle (path to a ``.sams`` file or folder, or the bytes of one).
 
     Nothing from the file is executed. Raises :class:`SamsError` for a missing, truncated,
     tampered or incompatible bundle.
     """
-    raw_manifest, weights, path = _read_parts(source)
-    try:
-        manifest = json.loads(raw_manifest.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise SamsError(f"The bundle's manifest is not valid JSON ({exc}). The file is damaged.") from exc
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise SamsError("The manifest does not describe a SAMS model bundle (format field missing).")
-    version = manifest.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise SamsError(
-            f"Bundle format version {version!r} is newer than this software reads ({FORMAT_VERSION}). "
-            "Update sams_core."
-        )
+    raw_manifest, weights, path = read_parts(source)
+    manifest = parse_manifest(raw_manifest)
     digest = hashlib.sha256(weights).hexdigest()
     if digest != manifest.get("weights_sha256"):
         raise SamsError(

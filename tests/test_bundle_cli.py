@@ -91,6 +91,24 @@ def test_tampered_and_truncated_bundles_are_refused(trained, tmp_path):
         load_bundle(tmp_path / "nope.sams")
 
 
+def test_manifest_read_without_the_model(trained, tmp_path):
+    from sams_core.manifest import model_label, read_manifest
+
+    _, out, _, _ = trained
+    man = read_manifest(out)
+    assert man == load_bundle(out).manifest
+    assert model_label(man) == "SAMS-VAE (correlated)"
+    assert read_manifest(out.read_bytes())["family"] == "sams_vae"
+    foreign = tmp_path / "foreign.sams"
+    with zipfile.ZipFile(foreign, "w") as z:
+        z.writestr("manifest.json", json.dumps({"format": "something-else"}))
+        z.writestr("weights.safetensors", b"")
+    with pytest.raises(SamsError, match="does not describe a SAMS model bundle"):
+        read_manifest(foreign)
+    with pytest.raises(SamsError, match="not found"):
+        read_manifest(tmp_path / "nope.sams")
+
+
 def test_parse_combination():
     assert parse_combination("KLF1+GATA1:0.5") == {"KLF1": 1.0, "GATA1": 0.5}
     assert parse_combination("control") == {}

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from sams_core.errors import SamsError
+from sams_core.manifest import FAMILY_LABELS
 from sams_core.models.base import Batch, LossOutput, PerturbationModel
 from sams_core.models.conditional_vae import ConditionalVAE
 from sams_core.models.cpa_vae import CPAVAE
@@ -14,13 +15,6 @@ from sams_core.models.vae import VAE
 
 FAMILIES: dict[str, type[PerturbationModel]] = {
     cls.family: cls for cls in (SAMSVAE, CPAVAE, ConditionalVAE, VAE, SVAEPlus)
-}
-FAMILY_LABELS: dict[str, str] = {
-    "sams_vae": "SAMS-VAE",
-    "cpa_vae": "CPA-VAE",
-    "conditional_vae": "Conditional VAE",
-    "vae": "VAE",
-    "svae_plus": "sVAE+",
 }
 
 

@@ -1,0 +1,108 @@
+"""The bundle file format without the model: locating the parts of a ``.sams`` bundle and
+reading its manifest (family, hyper-parameters, genes, perturbations, split, training history,
+metrics).
+
+This module needs neither PyTorch nor the model code, so a caller that only shows what a bundle
+holds (the dashboard's first screen, a file listing) does not pay for loading them.
+:func:`sams_core.bundle.load_bundle` builds the model on top of it.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import zipfile
+from pathlib import Path
+from typing import Any
+
+from sams_core.errors import SamsError
+
+FORMAT = "sams-bundle"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+WEIGHTS = "weights.safetensors"
+
+FAMILY_LABELS: dict[str, str] = {
+    "sams_vae": "SAMS-VAE",
+    "cpa_vae": "CPA-VAE",
+    "conditional_vae": "Conditional VAE",
+    "vae": "VAE",
+    "svae_plus": "sVAE+",
+}
+
+
+def _open(source: str | Path | bytes) -> tuple[Any, str, Path | None]:
+    """What to hand to ``zipfile`` (or a folder path), how to name it in messages, its path."""
+    if isinstance(source, (bytes, bytearray)):
+        return io.BytesIO(source), "the uploaded bundle", None
+    path = Path(source)
+    if not path.exists():
+        raise SamsError(f"Bundle not found: {path}. Check the path.")
+    return path, str(path), path
+
+
+def read_parts(source: str | Path | bytes, weights: bool = True) -> tuple[bytes, bytes | None, Path | None]:
+    """The raw manifest and weights of a bundle (``.sams`` zip, folder, or the bytes of a zip).
+
+    With ``weights=False`` the weights are not read (returned as None). Raises
+    :class:`SamsError` for a missing, truncated or foreign file.
+    """
+    buf, where, path = _open(source)
+    if path is not None and path.is_dir():
+        m, w = path / MANIFEST, path / WEIGHTS
+        if not m.exists() or not w.exists():
+            raise SamsError(f"{path} is a folder without {MANIFEST} and {WEIGHTS}: not a model bundle.")
+        return m.read_bytes(), (w.read_bytes() if weights else None), path
+    try:
+        with zipfile.ZipFile(buf) as z:
+            names = set(z.namelist())
+            if MANIFEST not in names or WEIGHTS not in names:
+                raise SamsError(f"{where} lacks {MANIFEST} or {WEIGHTS}: not a SAMS model bundle.")
+            return z.read(MANIFEST), (z.read(WEIGHTS) if weights else None), path
+    except zipfile.BadZipFile as exc:
+        raise SamsError(
+            f"{where} is truncated or not a SAMS model bundle ({exc}). Re-export it from the trained model."
+        ) from exc
+    except (OSError, EOFError, ValueError) as exc:  # damaged archive members
+        if isinstance(exc, SamsError):
+            raise
+        raise SamsError(f"{where} is damaged ({exc}). Re-export it from the trained model.") from exc
+
+
+def parse_manifest(raw: bytes) -> dict[str, Any]:
+    """A bundle's manifest from its raw bytes, checked to be a SAMS bundle this version reads."""
+    try:
+        manifest = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise SamsError(f"The bundle's manifest is not valid JSON ({exc}). The file is damaged.") from exc
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise SamsError("The manifest does not describe a SAMS model bundle (format field missing).")
+    version = manifest.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise SamsError(
+            f"Bundle format version {version!r} is newer than this software reads ({FORMAT_VERSION}). "
+            "Update sams_core."
+        )
+    return manifest
+
+
+def read_manifest(source: str | Path | bytes) -> dict[str, Any]:
+    """The manifest of a bundle, without reading its weights or building its model.
+
+    The weights' checksum is verified only when the model is loaded
+    (:func:`sams_core.bundle.load_bundle`).
+    """
+    raw, _, _ = read_parts(source, weights=False)
+    return parse_manifest(raw)
+
+
+def model_label(manifest: dict[str, Any]) -> str:
+    """Human name of a bundle's model, e.g. "SAMS-VAE (correlated)"."""
+    family = manifest.get("family", "?")
+    fam = FAMILY_LABELS.get(family, family)
+    guide = (manifest.get("hparams") or {}).get("guide")
+    return f"{fam} ({guide})" if guide and family == "sams_vae" else fam
+
+
+__all__ = ["FORMAT", "FORMAT_VERSION", "MANIFEST", "WEIGHTS", "FAMILY_LABELS", "read_parts", "parse_manifest",
+           "read_manifest", "model_label"]
