@@ -51,8 +51,8 @@ else:
 left, right = st.columns(2)
 with left:
     tg = top_genes(L, int(unit), n_top)
-    fig = plots.top_genes_bar(tg.rename(columns={"loading": "effect"}).drop_duplicates("gene"), n=2 * n_top, value="effect",
-                              title=f"Genes unit {unit} drives (log2 change per SD)")
+    fig = plots.top_genes_bar(tg.drop_duplicates("gene"), n=2 * n_top, value="loading",
+                              title=f"Genes unit {unit} drives", axis_title="loading (log2 change of expression per SD of the unit)")
     S.chart(fig, f"unit{unit}_top_genes", "gp_top")
     S.show_table(tg, f"unit{unit}_top_genes", "gp_top_table", height=250)
 with right:

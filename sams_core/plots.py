@@ -21,9 +21,8 @@ MIME = {"png": "image/png", "svg": "image/svg+xml", "pdf": "application/pdf", "h
 
 
 def _layout(fig: go.Figure, title: str | None = None, height: int | None = None) -> go.Figure:
-    fig.update_layout(template=TEMPLATE, title=title, margin=dict(l=10, r=10, t=50 if title else 20, b=10))
-    if height:
-        fig.update_layout(height=height)
+    fig.update_layout(template=TEMPLATE, title=title, margin=dict(l=10, r=10, t=50 if title else 20, b=10),
+                      **({"height": height} if height else {}))
     return fig
 
 
@@ -149,7 +148,8 @@ def umap_scatter(
     return _layout(fig, title, height=560)
 
 
-def top_genes_bar(table: pd.DataFrame, n: int = 20, value: str = "effect", title: str | None = None) -> go.Figure:
+def top_genes_bar(table: pd.DataFrame, n: int = 20, value: str = "effect", title: str | None = None,
+                  axis_title: str | None = None) -> go.Figure:
     """The ``n`` genes with the largest |``value``| as bars, with interval error bars when the
     table has ``lower``/``upper`` columns (an :meth:`EffectPrediction.table`)."""
     t = table.reindex(table[value].abs().sort_values(ascending=False).index).head(n).iloc[::-1]
@@ -160,7 +160,7 @@ def top_genes_bar(table: pd.DataFrame, n: int = 20, value: str = "effect", title
     colors = np.where(t[value] >= 0, "#c0392b", "#2e86c1")
     fig = go.Figure(go.Bar(x=t[value], y=t["gene"], orientation="h", error_x=err, marker_color=colors,
                            hovertemplate="%{y}: %{x:.3f}<extra></extra>"))
-    fig.update_xaxes(title=value if value != "effect" else "log2 fold change", zeroline=True)
+    fig.update_xaxes(title=axis_title or (value if value != "effect" else "log2 fold change"), zeroline=True)
     fig.update_yaxes(type="category")
     return _layout(fig, title or f"Top {min(n, len(table))} genes", height=max(320, 20 * len(t) + 100))
 
@@ -168,18 +168,26 @@ def top_genes_bar(table: pd.DataFrame, n: int = 20, value: str = "effect", title
 def effect_volcano(table: pd.DataFrame, title: str | None = None, n_labels: int = 10) -> go.Figure:
     """Volcano-style: predicted effect (x) against the width of its interval (y, lower = surer);
     genes whose interval excludes 0 are highlighted."""
-    t = table.copy()
-    t["interval width"] = t["upper"] - t["lower"]
-    t["excludes 0"] = np.where((t["lower"] > 0) | (t["upper"] < 0), "interval excludes 0", "interval covers 0")
-    fig = px.scatter(t, x="effect", y="interval width", color="excludes 0", hover_name="gene",
-                     color_discrete_map={"interval excludes 0": "#c0392b", "interval covers 0": "#aaaaaa"},
-                     hover_data={"lower": ":.3f", "upper": ":.3f", "excludes 0": False})
-    lab = t.reindex(t["effect"].abs().sort_values(ascending=False).index).head(n_labels)
-    for _, r in lab.iterrows():
-        fig.add_annotation(x=r["effect"], y=r["interval width"], text=str(r["gene"]), showarrow=False, yshift=9, font=dict(size=10))
-    fig.update_yaxes(autorange="reversed", title="interval width (lower = more certain)")
-    fig.update_xaxes(title="predicted log2 fold change")
-    fig.update_layout(legend_title_text="")
+    width = (table["upper"] - table["lower"]).to_numpy(dtype=float)
+    effect = table["effect"].to_numpy(dtype=float)
+    genes = table["gene"].astype(str).to_numpy()
+    sure = ((table["lower"] > 0) | (table["upper"] < 0)).to_numpy()
+    custom = np.stack([table["lower"].to_numpy(dtype=float), table["upper"].to_numpy(dtype=float)], axis=1)
+    traces = []
+    for name, keep, colour in (("interval excludes 0", sure, "#c0392b"), ("interval covers 0", ~sure, "#aaaaaa")):
+        traces.append(go.Scatter(
+            x=effect[keep], y=width[keep], mode="markers", name=name, text=genes[keep], customdata=custom[keep],
+            marker=dict(color=colour, size=7),
+            hovertemplate="<b>%{text}</b><br>effect %{x:.3f}<br>interval %{customdata[0]:.3f} to %{customdata[1]:.3f}<extra></extra>",
+        ))
+    top = np.argsort(-np.abs(effect), kind="stable")[:n_labels]
+    notes = [dict(x=float(effect[i]), y=float(width[i]), text=str(genes[i]), showarrow=False, yshift=9, font=dict(size=10))
+             for i in top]
+    fig = go.Figure(traces, layout=dict(
+        annotations=notes, legend_title_text="",
+        xaxis=dict(title="predicted log2 fold change"),
+        yaxis=dict(autorange="reversed", title="interval width (lower = more certain)"),
+    ))
     return _layout(fig, title or "Effect vs uncertainty", height=420)
 
 
