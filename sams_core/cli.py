@@ -7,6 +7,7 @@ options with ``--help``; bad input ends with the message of the problem and exit
 from __future__ import annotations
 
 import argparse
+import subprocess
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -28,9 +29,34 @@ def _add_data_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-top-genes", type=int, default=None, help="keep only this many highly variable genes (scanpy)")
 
 
+def _add_scale_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--devices", type=int, default=1,
+        help="train on N processes with PyTorch DistributedDataParallel, one per GPU (NCCL), or N CPU "
+        "processes (gloo) with --device cpu. Relaunches itself as: python -m torch.distributed.run "
+        "--standalone --nproc_per_node=N -m sams_core train ARGS (the same as torchrun --standalone "
+        "--nproc_per_node=N -m sams_core train ARGS); on several machines run that line yourself on each, "
+        "with --nnodes=M --node_rank=I --rdzv_backend=c10d --rdzv_endpoint=HOST:PORT instead of --standalone. "
+        "Every mini-batch of --batch-size cells is split over the processes (default 1)",
+    )
+    p.add_argument("--backed", action="store_true", help="leave the expression matrix in the .h5ad file and read cells in chunks (for screens larger than memory; CSR or dense matrix; no --n-top-genes)")
+    p.add_argument("--chunk-size", type=int, default=4096, help="cells per read with --backed (default 4096)")
+
+
 def _read_data(args: argparse.Namespace):
     from sams_core.data import read_h5ad
 
+    if getattr(args, "backed", False):
+        from sams_core.backed import read_h5ad_backed
+
+        return read_h5ad_backed(
+            args.data,
+            perturbation_key=args.perturbation_key,
+            separators=tuple(args.separator or ["+"]),
+            control_labels=args.control_label,
+            n_top_genes=args.n_top_genes,
+            chunk_size=args.chunk_size,
+        )
     return read_h5ad(
         args.data,
         perturbation_key=args.perturbation_key,
@@ -68,7 +94,8 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--early-stopping", type=int, default=None, help="stop after this many epochs without validation improvement")
     t.add_argument("--seed", type=int, default=0, help="seed of the split and of training (default 0)")
     t.add_argument("--precision", default="float32", choices=["float32", "bf16-mixed"], help="bf16-mixed runs the networks' matrix products in bfloat16 (faster on CPUs with AVX512-BF16 and on GPUs); default float32")
-    t.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when present)")
+    t.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when present; with --devices, cuda means one GPU per process)")
+    _add_scale_options(t)
     t.add_argument("--no-eval", action="store_true", help="skip the evaluation after training")
     t.add_argument("--out", required=True, help="where to save the bundle: NAME.sams for one file, else a folder")
 
@@ -109,33 +136,55 @@ def parse_combination(text: str) -> dict[str, float]:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    from sams_core import distributed
     from sams_core.pipeline import SplitSpec, train_bundle
     from sams_core.train import TrainConfig, tqdm_progress
 
-    data = _read_data(args)
-    print(f"{data.n_cells} cells × {data.n_genes} genes, {data.n_perturbations} perturbations, "
-          f"{len(data.combinations())} combinations, {int(data.control_mask.sum())} controls; "
-          f"likelihood {args.likelihood or data.likelihood}", file=sys.stderr)
-    hp: dict = {"n_latent": args.latent, "n_hidden": args.hidden, "n_layers": args.layers}
-    if args.likelihood:
-        hp["likelihood"] = args.likelihood
-    if args.model in ("sams_vae", "cpa_vae"):
-        hp["guide"] = args.guide
-    if args.mask_prior is not None and args.model == "sams_vae":
-        hp["mask_prior"] = args.mask_prior
-    if args.beta is not None and args.model == "svae_plus":
-        hp["beta"] = args.beta
-    cfg = TrainConfig(
-        epochs=args.epochs, max_steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-        n_particles=args.particles, grad_clip=args.grad_clip, early_stopping=args.early_stopping,
-        seed=args.seed, device=args.device, precision=args.precision,
-    )
-    spec = SplitSpec(args.split, args.fraction, args.val_fraction, args.test_fraction, args.seed)
-    update, close = tqdm_progress(args.epochs if args.steps is None else 1, desc=args.model)
+    if args.devices < 1:
+        raise SamsError(f"--devices must be at least 1, got {args.devices}.")
+    if args.devices > 1 and not distributed.launched_by_torchrun():
+        cmd = distributed.torchrun_command(args.devices, args.argv)
+        print(f"training on {args.devices} processes: {' '.join(cmd)}", file=sys.stderr)
+        return subprocess.call(cmd)
+    ddp = distributed.launched_by_torchrun()
+    device = str(distributed.init_from_env(args.device)) if ddp else args.device
+    main = distributed.is_main()
     try:
-        bundle, result, ev = train_bundle(data, args.model, spec, cfg, args.out, update, not args.no_eval, **hp)
+        data = _read_data(args)
+        if main:
+            print(f"{data.n_cells} cells × {data.n_genes} genes, {data.n_perturbations} perturbations, "
+                  f"{len(data.combinations())} combinations, {int(data.control_mask.sum())} controls; "
+                  f"likelihood {args.likelihood or data.likelihood}"
+                  + (f"; {distributed.world_size()} processes" if ddp else ""), file=sys.stderr)
+        hp: dict = {"n_latent": args.latent, "n_hidden": args.hidden, "n_layers": args.layers}
+        if args.likelihood:
+            hp["likelihood"] = args.likelihood
+        if args.model in ("sams_vae", "cpa_vae"):
+            hp["guide"] = args.guide
+        if args.mask_prior is not None and args.model == "sams_vae":
+            hp["mask_prior"] = args.mask_prior
+        if args.beta is not None and args.model == "svae_plus":
+            hp["beta"] = args.beta
+        cfg = TrainConfig(
+            epochs=args.epochs, max_steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+            n_particles=args.particles, grad_clip=args.grad_clip, early_stopping=args.early_stopping,
+            seed=args.seed, device=device, precision=args.precision,
+            chunk_size=args.chunk_size if args.backed else None,
+        )
+        spec = SplitSpec(args.split, args.fraction, args.val_fraction, args.test_fraction, args.seed)
+        # only rank 0 reports, evaluates and writes the bundle; every rank trains
+        update, close = tqdm_progress(args.epochs if args.steps is None else 1, desc=args.model) if main else (None, lambda: None)
+        try:
+            bundle, result, ev = train_bundle(
+                data, args.model, spec, cfg, args.out if main else None, update, (not args.no_eval) and main, **hp
+            )
+        finally:
+            close()
     finally:
-        close()
+        if ddp:
+            distributed.cleanup()
+    if not main:
+        return 0
     print(f"best epoch {result.best_epoch}, {result.seconds:.1f} s; saved {args.out}", file=sys.stderr)
     if ev is not None:
         print(ev.metrics.to_string(float_format=lambda v: f"{v:.4f}"))
@@ -200,6 +249,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return build_demo_main(argv[1:])
     args = _parser().parse_args(argv)
+    args.argv = argv  # --devices relaunches the same command line under torchrun
     try:
         return {"train": _cmd_train, "evaluate": _cmd_evaluate, "predict": _cmd_predict}[args.command](args)
     except SamsError as exc:

@@ -4,12 +4,24 @@
 with Adam and returns it with its per-epoch history; :func:`fit` does the same for a model that
 already exists. The state with the best validation loss is kept. Progress is reported through a
 callback (tqdm on the command line, ``st.progress`` in the app).
+
+Scale (DESIGN §7):
+
+- inside a ``torch.distributed`` process group (``torchrun``), :func:`fit` wraps the model in
+  ``DistributedDataParallel``: all ranks draw the same permutation from the shared seed, each
+  mini-batch is cut into one shard per rank, every rank computes the loss of its shard and DDP
+  all-reduces the gradients; validation is reduced over ranks and only rank 0 reports progress.
+  See :mod:`sams_core.distributed` and ``TrainConfig.shards``;
+- when ``X`` is a backed ``.h5ad`` matrix (:func:`sams_core.backed.read_h5ad_backed`), or with
+  ``TrainConfig(chunked=True)``, cells are read in chunks of rows (shuffled by chunk, then within
+  a shuffle buffer of chunks) instead of being held on the device all at once.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -19,6 +31,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
+from sams_core import distributed
 from sams_core.data import TEST, TRAIN, VAL, PerturbationData
 from sams_core.errors import SamsError
 from sams_core.models import FAMILIES, Batch, PerturbationModel, SVAEPlus, build_model
@@ -63,6 +76,20 @@ class TrainConfig:
     val_batch_size: int = 4096
     global_lr_scale: float = 10.0
     precision: str = "float32"
+    # Cut every mini-batch into this many contiguous shards, each with its own noise stream
+    # seeded from (seed, step, shard); the gradient is the cell-weighted mean over shards, i.e.
+    # that of the whole batch. Under DistributedDataParallel the default is one shard per rank
+    # (must be a multiple of the number of ranks); on one process ``shards=N`` reproduces an
+    # N-process run exactly (and is gradient accumulation). None on one process: no sharding.
+    shards: int | None = None
+    # None: use DistributedDataParallel when a torch.distributed process group is running.
+    distributed: bool | None = None
+    # Read the training/validation cells in chunks of ``chunk_size`` rows (shuffled by chunk,
+    # then within ``chunks_per_buffer`` chunks) instead of holding them on the device.
+    # None: automatic, on when X is a backed .h5ad matrix (sams_core.backed).
+    chunked: bool | None = None
+    chunk_size: int | None = None
+    chunks_per_buffer: int = 8
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -103,33 +130,58 @@ class TrainResult:
         return [h.as_dict() for h in self.history]
 
 
+def _take_rows(X: Any, idx: np.ndarray) -> Any:
+    """Rows ``idx`` of a host matrix, or of a torch tensor (kept on its device, no copy for all rows)."""
+    if isinstance(X, torch.Tensor):
+        idx = np.asarray(idx)
+        if idx.size == X.shape[0] and np.array_equal(idx, np.arange(X.shape[0])):
+            return X
+        return X[torch.as_tensor(idx, device=X.device)]
+    return X[idx]
+
+
 class DeviceData:
     """Expression, dosages, library sizes and condition ids of a set of cells, on one device.
 
     Dense matrices are held as they are; sparse ones as CSR arrays, densified row-wise only for
     the rows of each mini-batch. :meth:`batch` gathers rows by index without host copies.
+    ``X`` may also be a torch tensor already on the device (e.g. data generated there).
     """
 
     def __init__(self, data: PerturbationData, idx: np.ndarray, device: torch.device, cond: np.ndarray, dense: bool | None = None):
+        self._load(_take_rows(data.X, idx), data.dosages[idx], data.library[idx], cond[idx], device, dense)
+
+    @classmethod
+    def from_arrays(
+        cls, X: Any, dosages: np.ndarray, library: np.ndarray, cond: np.ndarray, device: torch.device, dense: bool | None = None
+    ) -> "DeviceData":
+        """Cells given as arrays (rows of ``X`` with their dosages, library sizes, condition ids)."""
+        self = cls.__new__(cls)
+        self._load(X, dosages, library, cond, device, dense)
+        return self
+
+    def _load(self, X: Any, dosages: np.ndarray, library: np.ndarray, cond: np.ndarray, device: torch.device, dense: bool | None) -> None:
         self.device = device
-        self.n = int(len(idx))
-        self.n_genes = data.n_genes
-        X = data.X[idx]
-        if dense is None:
-            dense = (not sp.issparse(X)) or self.n * self.n_genes * 4 <= DENSE_LIMIT_BYTES
-        if sp.issparse(X) and not dense:
-            X = sp.csr_matrix(X)
-            self.x = None
-            self.crow = torch.as_tensor(X.indptr.astype(np.int64), device=device)
-            self.col = torch.as_tensor(X.indices.astype(np.int64), device=device)
-            self.val = torch.as_tensor(X.data.astype(np.float32), device=device)
+        self.n = int(X.shape[0])
+        self.n_genes = int(X.shape[1])
+        if isinstance(X, torch.Tensor):
+            self.x = X.to(device=device, dtype=torch.float32)
         else:
-            if sp.issparse(X):
-                X = X.toarray()
-            self.x = torch.as_tensor(np.asarray(X, dtype=np.float32), device=device)
-        self.d = torch.as_tensor(data.dosages[idx], device=device)
-        self.library = torch.as_tensor(data.library[idx], device=device)
-        self.cond = torch.as_tensor(cond[idx].astype(np.int64), device=device)
+            if dense is None:
+                dense = (not sp.issparse(X)) or self.n * self.n_genes * 4 <= DENSE_LIMIT_BYTES
+            if sp.issparse(X) and not dense:
+                X = sp.csr_matrix(X)
+                self.x = None
+                self.crow = torch.as_tensor(X.indptr.astype(np.int64), device=device)
+                self.col = torch.as_tensor(X.indices.astype(np.int64), device=device)
+                self.val = torch.as_tensor(X.data.astype(np.float32), device=device)
+            else:
+                if sp.issparse(X):
+                    X = X.toarray()
+                self.x = torch.as_tensor(np.asarray(X, dtype=np.float32), device=device)
+        self.d = torch.as_tensor(np.asarray(dosages), device=device)
+        self.library = torch.as_tensor(np.asarray(library), device=device)
+        self.cond = torch.as_tensor(np.asarray(cond).astype(np.int64), device=device)
 
     def _rows(self, idx: torch.Tensor) -> torch.Tensor:
         if self.x is not None:
@@ -148,10 +200,21 @@ class DeviceData:
         """The cells at positions ``idx`` (a tensor on the device) as a model batch."""
         return Batch(self._rows(idx), self.d[idx], self.library[idx], self.cond[idx])
 
-    def batches(self, batch_size: int) -> list[Batch]:
-        """All cells in order, in batches of ``batch_size``."""
+    def batches(self, batch_size: int, start: int = 0, stop: int | None = None) -> list[Batch]:
+        """The cells at positions ``start``..``stop`` (default: all) in order, in batches of ``batch_size``."""
+        stop = self.n if stop is None else stop
         ar = torch.arange(self.n, device=self.device)
-        return [self.batch(ar[i : i + batch_size]) for i in range(0, self.n, batch_size)]
+        return [self.batch(ar[i : min(i + batch_size, stop)]) for i in range(start, stop, batch_size)]
+
+    def generator(self, seed: int) -> torch.Generator:
+        """The generator of :meth:`order` (on the data's device)."""
+        gen = torch.Generator(device=self.device)
+        gen.manual_seed(seed)
+        return gen
+
+    def order(self, gen: torch.Generator) -> torch.Tensor:
+        """A random order of all positions for one epoch."""
+        return torch.randperm(self.n, device=self.device, generator=gen)
 
 
 def condition_ids(model: PerturbationModel, data: PerturbationData) -> np.ndarray:
@@ -164,7 +227,16 @@ def condition_ids(model: PerturbationModel, data: PerturbationData) -> np.ndarra
 
 
 def input_statistics(data: PerturbationData, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per-gene mean and std of the encoder input (log1p counts, or the values) over ``idx``."""
+    """Per-gene mean and std of the encoder input (log1p counts, or the values) over ``idx``.
+
+    Backed matrices are read in chunks and tensors on a device are reduced there, in float64.
+    """
+    if _is_backed(data.X):
+        from sams_core.backed import chunked_input_statistics
+
+        return chunked_input_statistics(data.X, np.asarray(idx), data.is_counts)
+    if isinstance(data.X, torch.Tensor):
+        return _tensor_input_statistics(data.X, np.asarray(idx), data.is_counts)
     X = data.X[idx]
     if sp.issparse(X):
         V = X.copy()
@@ -178,6 +250,27 @@ def input_statistics(data: PerturbationData, idx: np.ndarray) -> tuple[np.ndarra
         mean = V.mean(0)
         var = V.var(0)
     return mean.astype(np.float32), np.sqrt(np.maximum(var, 0)).astype(np.float32)
+
+
+def _is_backed(X: Any) -> bool:
+    """Whether ``X`` is a backed on-disk matrix (read in row chunks) rather than in memory."""
+    return hasattr(X, "read_rows") and not isinstance(X, (np.ndarray, torch.Tensor)) and not sp.issparse(X)
+
+
+def _tensor_input_statistics(X: torch.Tensor, idx: np.ndarray, is_counts: bool, chunk: int = 16384) -> tuple[np.ndarray, np.ndarray]:
+    s1 = torch.zeros(X.shape[1], dtype=torch.float64, device=X.device)
+    s2 = torch.zeros_like(s1)
+    rows = torch.as_tensor(idx, device=X.device)
+    for i in range(0, rows.numel(), chunk):
+        v = X[rows[i : i + chunk]].to(torch.float64)
+        if is_counts:
+            v = torch.log1p(v)
+        s1 += v.sum(0)
+        s2 += (v * v).sum(0)
+    n = max(int(rows.numel()), 1)
+    mean = s1 / n
+    var = (s2 / n - mean * mean).clamp_min(0)
+    return mean.cpu().numpy().astype(np.float32), var.sqrt().cpu().numpy().astype(np.float32)
 
 
 def build_for_data(family: str, data: PerturbationData, split: np.ndarray, **hparams: Any) -> PerturbationModel:
@@ -231,6 +324,29 @@ def evaluate_loss(model: PerturbationModel, dd: DeviceData, n_particles: int, ba
     return float(total) / max(dd.n, 1)
 
 
+@torch.no_grad()
+def _sharded_val_loss(
+    model: PerturbationModel, va: Any, cfg: TrainConfig, n_shards: int, rank: int, world: int, epoch: int, device: torch.device
+) -> float:
+    """Mean negative ELBO per validation cell, the cells cut into ``n_shards`` pieces over ranks.
+
+    Each shard is evaluated with noise seeded from (seed, epoch, shard) and its sum kept in its
+    own slot, so the total (summed over slots after the all-reduce) does not depend on how the
+    shards are spread over processes.
+    """
+    model.eval()
+    totals = torch.zeros(n_shards, dtype=torch.float64, device=device)
+    for s, (lo, hi) in enumerate(distributed.shard_bounds(va.n, n_shards)):
+        if s % world != rank or hi <= lo:
+            continue
+        distributed.seed_noise(device, distributed.noise_seed(cfg.seed, distributed.VAL_NOISE, epoch, s))
+        for b in va.batches(cfg.val_batch_size, lo, hi):
+            totals[s] += model.loss(b, cfg.n_particles).loss.double() * b.size
+    distributed.all_reduce_sum(totals)
+    model.train()
+    return float(totals.sum()) / max(va.n, 1)
+
+
 def fit(
     model: PerturbationModel,
     data: PerturbationData,
@@ -242,11 +358,35 @@ def fit(
 
     Keeps the state with the lowest validation loss (the last state when there are no
     validation cells) and stops after ``early_stopping`` epochs without improvement.
+
+    Inside a ``torch.distributed`` process group (started by ``torchrun``) the model is wrapped in
+    ``DistributedDataParallel``: every rank draws the same permutation (shared seed) and takes its
+    shard of every mini-batch, each shard's mean loss is weighted by its share of the batch's
+    cells (times the number of ranks, which DDP's gradient averaging divides out), so the
+    gradient is that of the mean over all cells of the batch, whatever the number of ranks. The
+    parameters, per-perturbation globals included, stay identical on all ranks; train and
+    validation losses are summed over ranks; ``progress`` is called on rank 0 only. Every rank
+    returns the same result.
     """
     cfg = config or TrainConfig()
     if cfg.batch_size < 1 or cfg.n_particles < 1 or cfg.lr <= 0:
         raise SamsError("batch_size and n_particles must be ≥ 1 and lr > 0.")
-    device = torch.device(cfg.device) if cfg.device else default_device()
+    use_ddp = distributed.active() if cfg.distributed is None else bool(cfg.distributed)
+    if use_ddp and not distributed.active():
+        raise SamsError(
+            "distributed=True needs a torch.distributed process group. Launch with torchrun: "
+            "python -m torch.distributed.run --standalone --nproc_per_node=N -m sams_core train ..."
+        )
+    world = distributed.world_size() if use_ddp else 1
+    rank = distributed.rank() if use_ddp else 0
+    sharded = use_ddp or cfg.shards is not None
+    n_shards = (world if cfg.shards is None else int(cfg.shards)) if sharded else 1
+    if n_shards < 1 or n_shards % world:
+        raise SamsError(f"shards ({n_shards}) must be a positive multiple of the number of processes ({world}).")
+    if use_ddp and (not cfg.device or torch.device(cfg.device).index is None):
+        device = distributed.rank_device(cfg.device)
+    else:
+        device = torch.device(cfg.device) if cfg.device else default_device()
     autocast_context(device, cfg.precision)  # validates the setting before any work
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
@@ -254,8 +394,27 @@ def fit(
     cond = condition_ids(model, data)
     train_idx = np.flatnonzero(split == TRAIN)
     val_idx = np.flatnonzero(split == VAL)
-    tr = DeviceData(data, train_idx, device, cond)
-    va = DeviceData(data, val_idx, device, cond) if val_idx.size else None
+    chunked = _is_backed(data.X) if cfg.chunked is None else bool(cfg.chunked)
+    if chunked:
+        from sams_core.backed import ChunkedSource
+
+        def source(idx: np.ndarray) -> Any:
+            return ChunkedSource(data.X, idx, data.dosages, data.library, cond, device, cfg.chunk_size, cfg.chunks_per_buffer)
+    else:
+        def source(idx: np.ndarray) -> Any:
+            return DeviceData(data, idx, device, cond)
+    tr = source(train_idx)
+    va = source(val_idx) if val_idx.size else None
+    net: torch.nn.Module = model
+    if use_ddp:
+        # buffers (input statistics, counts) are fixed before training: synced once, not per step
+        ddp_cls = torch.nn.parallel.DistributedDataParallel
+        no_buffer_sync = (
+            {"forward_sync_buffers": False}
+            if "forward_sync_buffers" in inspect.signature(ddp_cls.__init__).parameters
+            else {"broadcast_buffers": False}
+        )
+        net = ddp_cls(model, **no_buffer_sync)
     groups = [
         {**g, "params": [p for p in g["params"] if p.requires_grad]}
         for g in model.parameter_groups(cfg.lr, cfg.global_lr_scale)
@@ -263,8 +422,8 @@ def fit(
     opt = torch.optim.Adam([g for g in groups if g["params"]])
     steps_per_epoch = max(1, math.ceil(tr.n / cfg.batch_size))
     epochs = cfg.epochs if cfg.max_steps is None else math.ceil(cfg.max_steps / steps_per_epoch)
-    gen = torch.Generator(device=device)
-    gen.manual_seed(cfg.seed)
+    gen = tr.generator(cfg.seed)
+    my_shards = list(range(rank, n_shards, world))
 
     result = TrainResult()
     best_state: dict[str, torch.Tensor] | None = None
@@ -274,36 +433,68 @@ def fit(
     model.train()
     for epoch in range(epochs):
         t0 = time.perf_counter()
-        perm = torch.randperm(tr.n, device=device, generator=gen)
-        loss_sum = torch.zeros((), device=device)
-        term_sum: dict[str, torch.Tensor] = {}
+        perm = tr.order(gen)
+        loss_acc = torch.zeros(n_shards, device=device)  # one slot per shard: sums do not depend on the rank layout
+        term_acc: dict[str, torch.Tensor] = {}
         n_steps = 0
         for i in range(0, tr.n, cfg.batch_size):
             if cfg.max_steps is not None and step >= cfg.max_steps:
                 break
-            batch = tr.batch(perm[i : i + cfg.batch_size])
-            with autocast_context(device, cfg.precision):
-                out = model.loss(batch, cfg.n_particles)
+            idx = perm[i : i + cfg.batch_size]
             opt.zero_grad(set_to_none=True)
-            out.loss.backward()
+            if not sharded:
+                with autocast_context(device, cfg.precision):
+                    out = model.loss(tr.batch(idx), cfg.n_particles)
+                out.loss.backward()
+                loss_acc[0] += out.loss.detach()
+                for k, v in out.terms.items():
+                    term_acc.setdefault(k, torch.zeros(1, device=device))[0] += v
+            else:
+                nb = int(idx.numel())
+                bounds = distributed.shard_bounds(nb, n_shards)
+                for j, s in enumerate(my_shards):
+                    lo, hi = bounds[s]
+                    w = (hi - lo) / nb
+                    # an empty shard (batch smaller than the shard count) still joins the
+                    # gradient all-reduce, with one cell at weight 0
+                    piece = idx[lo:hi] if hi > lo else idx[:1]
+                    # noise that depends on (seed, step, shard) only: the same draws whatever
+                    # the number of processes the shards are spread over
+                    distributed.seed_noise(device, distributed.noise_seed(cfg.seed, distributed.TRAIN_NOISE, step, s))
+                    last = j == len(my_shards) - 1
+                    sync = net.no_sync() if (use_ddp and not last) else contextlib.nullcontext()
+                    with sync:
+                        with autocast_context(device, cfg.precision):
+                            out = net(tr.batch(piece), cfg.n_particles)
+                        (out.loss * (w * world)).backward()
+                    loss_acc[s] += out.loss.detach() * w
+                    for k, v in out.terms.items():
+                        term_acc.setdefault(k, torch.zeros(n_shards, device=device))[s] += v * w
             if cfg.grad_clip:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             opt.step()
-            loss_sum += out.loss.detach()
-            for k, v in out.terms.items():
-                term_sum[k] = term_sum.get(k, 0.0) + v
             n_steps += 1
             step += 1
         if n_steps == 0:
             break
-        train_loss = float(loss_sum) / n_steps
+        if use_ddp:
+            keys = list(term_acc)
+            packed = distributed.all_reduce_sum(torch.stack([loss_acc, *(term_acc[k] for k in keys)]))
+            loss_acc = packed[0]
+            term_acc = {k: packed[1 + n] for n, k in enumerate(keys)}
+        train_loss = float(loss_acc.sum()) / n_steps
         if not math.isfinite(train_loss):
             raise SamsError(
                 f"Training diverged at epoch {epoch + 1} (loss {train_loss}). Lower the learning rate "
                 "or enable gradient clipping (grad_clip=10)."
             )
         t_val = time.perf_counter()
-        val_loss = evaluate_loss(model, va, cfg.n_particles, cfg.val_batch_size) if va is not None else None
+        if va is None:
+            val_loss = None
+        elif sharded:
+            val_loss = _sharded_val_loss(model, va, cfg, n_shards, rank, world, epoch, device)
+        else:
+            val_loss = evaluate_loss(model, va, cfg.n_particles, cfg.val_batch_size)
         t_val = time.perf_counter() - t_val
         hi, lo = mask_sparsity(model)
         rec = EpochRecord(
@@ -311,7 +502,7 @@ def fit(
             step=step,
             train_loss=train_loss,
             val_loss=val_loss,
-            terms={k: float(v) / n_steps for k, v in term_sum.items()},
+            terms={k: float(v.sum()) / n_steps for k, v in term_acc.items()},
             mask_frac_high=hi,
             mask_frac_low=lo,
             seconds=time.perf_counter() - t0,
@@ -327,11 +518,21 @@ def fit(
             since_best = 0
         else:
             since_best += 1
-        if progress is not None:
+        if progress is not None and rank == 0:
             progress(rec)
+        if model.end_epoch(epoch + 1, epochs):
+            # the model re-expressed its parameters (SAMS-VAE's alignment of the latent basis, the
+            # same on every rank): Adam's running moments and the best state so far belong to the
+            # old parameterisation, and the objective's prior weight may have changed
+            opt = torch.optim.Adam([g for g in groups if g["params"]])
+            result.best_val_loss = math.inf
+            best_state = None
+            since_best = 0
+            continue
         if cfg.early_stopping is not None and since_best >= cfg.early_stopping:
             result.stopped_early = True
             break
+    del net  # drops DDP's gradient hooks from the model's parameters
     if best_state is not None and va is not None:
         model.load_state_dict(best_state)
     model.eval()

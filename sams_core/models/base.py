@@ -3,7 +3,8 @@
 A model is a plain ``torch.nn.Module`` built from a dictionary of hyper-parameters
 (``model.hparams``), so that a bundle can rebuild it without pickling. Every family answers:
 
-- :meth:`PerturbationModel.loss` — negative ELBO per cell for a mini-batch, with its terms;
+- :meth:`PerturbationModel.loss` — negative ELBO per cell for a mini-batch, with its terms
+  (also ``model(batch, n_particles)``, so that DistributedDataParallel can wrap the model);
 - :meth:`PerturbationModel.sample_globals` — draws of the global latents from the guide;
 - :meth:`PerturbationModel.predict` — posterior-predictive decoder output for dosage rows;
 - :meth:`PerturbationModel.log_weights` — importance weights for the held-out IWELBO;
@@ -153,6 +154,19 @@ class PerturbationModel(nn.Module):
         return groups
 
     # ---- interface ----------------------------------------------------------------------
+    def forward(self, batch: Batch, n_particles: int = 5) -> LossOutput:
+        """The loss of a mini-batch, as :meth:`loss`.
+
+        ``nn.Module`` entry point so that ``DistributedDataParallel`` (which hooks ``__call__``)
+        can wrap a model: ``ddp(batch, n_particles).loss.backward()`` all-reduces the gradients.
+        """
+        return self.loss(batch, n_particles)
+
+    def end_epoch(self, epoch: int, total_epochs: int) -> bool:
+        """Called by training after each epoch (1-based) of ``total_epochs``; True when the model
+        re-expressed its parameters (the optimiser must start afresh). Nothing by default."""
+        return False
+
     def loss(self, batch: Batch, n_particles: int = 5) -> LossOutput:
         raise NotImplementedError
 
