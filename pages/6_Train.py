@@ -52,7 +52,7 @@ if st.button("Start training", type="primary", key="train_start"):
         data = S._plain_data(ctx.data_key, ctx.adata)
         hp = {"n_latent": int(n_latent), "n_hidden": int(n_hidden)}
         if family == "sams_vae":
-            hp.update(guide=guide, global_weight=10.0, mask_init_logit=-3.0)
+            hp.update(guide=guide)
         S.RUNS_DIR.mkdir(parents=True, exist_ok=True)
         bundle, result, ev = train_bundle(data, family, SplitSpec(split_kind, float(fraction)), TrainConfig(epochs=int(epochs), batch_size=256),
                                           out, progress=progress, n_ate_samples=500, **hp)

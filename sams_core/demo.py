@@ -19,8 +19,8 @@ DATA_FILE = "screen.h5ad"
 
 # name -> (family, hyper-parameters); the order is the order shown in the app
 DEMO_MODELS: dict[str, tuple[str, dict[str, Any]]] = {
-    "sams_vae_mean_field": ("sams_vae", {"guide": "mean-field", "global_weight": 10.0, "mask_init_logit": -3.0}),
-    "sams_vae_correlated": ("sams_vae", {"guide": "correlated", "embed_hidden": 64, "global_weight": 10.0, "mask_init_logit": -3.0}),
+    "sams_vae_mean_field": ("sams_vae", {"guide": "mean-field"}),
+    "sams_vae_correlated": ("sams_vae", {"guide": "correlated", "embed_hidden": 64}),
     "cpa_vae": ("cpa_vae", {}),
     "conditional_vae": ("conditional_vae", {}),
     "svae_plus": ("svae_plus", {}),

@@ -50,7 +50,10 @@ class SAMSVAE(PerturbationModel):
         embed_layers: int = 2,
         temperature: float = 1.0,
         mask_init_logit: float = 0.0,
-        global_weight: float = 1.0,
+        global_weight: float = 10.0,
+        align_at: float | None = 0.25,
+        warmup_global_weight: float = 1.0,
+        align_mask_logit: float = 0.0,
         **extra: Any,
     ):
         if guide not in GUIDES:
@@ -70,12 +73,22 @@ class SAMSVAE(PerturbationModel):
             temperature=temperature,
             mask_init_logit=mask_init_logit,
             global_weight=global_weight,
+            align_at=align_at,
+            warmup_global_weight=warmup_global_weight,
+            align_mask_logit=align_mask_logit,
             **extra,
         )
+        if align_at is not None and not 0.0 <= align_at < 1.0:
+            raise ValueError(f"align_at must be a fraction of the training budget in [0, 1) or None, got {align_at!r}")
         self.guide = guide
         self.use_masks = self.has_masks
         self.temperature = temperature
         self.global_weight = global_weight
+        self.align_at = align_at
+        self.warmup_global_weight = warmup_global_weight
+        self.align_mask_logit = align_mask_logit
+        # before the basis is aligned the global terms carry ``warmup_global_weight``
+        self.aligned = align_at is None or align_at == 0.0
         self.log_alpha = math.log(mask_prior)
         self.log_1m_alpha = math.log1p(-mask_prior)
         self.log_s = math.log(embedding_prior_scale)
@@ -165,6 +178,78 @@ class SAMSVAE(PerturbationModel):
             table = self._embedding_params(None)[0]
         return d @ table
 
+    # ---- identifiability of the latent basis ------------------------------------------
+    @torch.no_grad()
+    def rotate_units(self, rotation: torch.Tensor, mask_logit: float | None = None) -> None:
+        """Express the model in the latent basis z' = z R (R orthogonal [K, K]).
+
+        The basal prior N(0, I) is unchanged by a rotation, the encoder's mean output and the
+        decoder's input are rotated with it, so the networks describe the same cells. The
+        expected shifts E[m ⊙ e] become the new embedding means; masks do not rotate, so their
+        logits are set to ``mask_logit`` (kept as they are when None, exact only when R permutes
+        units).
+        """
+        K = self.n_latent
+        R = rotation.to(self.input_mean.device, torch.float32)
+        if R.shape != (K, K) or not torch.allclose(R.T @ R, torch.eye(K, device=R.device), atol=1e-4):
+            raise ValueError(f"rotation must be an orthogonal {K} x {K} matrix")
+        table = self.latent_shift(torch.eye(self.n_perturbations, device=R.device))  # [T, K]
+        first = self.decoder[0]
+        first.weight.copy_(first.weight @ R)
+        last = self.encoder[-1]
+        last.weight[:K] = R.T @ last.weight[:K]
+        last.bias[:K] = R.T @ last.bias[:K]
+        A = self.encoder_shift.weight  # [2K, K]: mean rows map shift → mean, then log-std rows
+        A[:K] = R.T @ A[:K] @ R
+        A[K:] = A[K:] @ R
+        if self.guide == "mean-field":
+            self.e_mean.copy_(table @ R)
+            self.e_log_std.fill_(-2.0)
+        else:
+            out = self.e_net.rest[-1]
+            out.weight[:K] = R.T @ out.weight[:K]
+            out.bias[:K] = R.T @ out.bias[:K]
+        if self.use_masks and mask_logit is not None:
+            self.mask_logits.fill_(float(mask_logit))
+
+    @property
+    def current_global_weight(self) -> float:
+        """Weight of the global prior terms now: ``warmup_global_weight`` until the basis is
+        aligned, ``global_weight`` after."""
+        return self.global_weight if self.aligned else self.warmup_global_weight
+
+    def end_epoch(self, epoch: int, total_epochs: int) -> bool:
+        """Training schedule: after ``align_at`` × the budget, align the latent basis
+        (:meth:`align_units`) and switch to the full prior weight. True when parameters were
+        re-expressed (the optimiser's running statistics no longer apply)."""
+        if self.aligned or self.align_at is None or epoch < max(1, round(self.align_at * total_epochs)):
+            return False
+        if epoch >= total_epochs:  # no training left to adapt to a new basis
+            return False
+        if self.use_masks:
+            self.align_units(self.align_mask_logit)
+        self.aligned = True
+        return True
+
+    @torch.no_grad()
+    def align_units(self, mask_logit: float = 0.0) -> torch.Tensor:
+        """Turn the latent basis to the one in which the perturbations' shifts are sparsest.
+
+        The likelihood does not identify the basis (a rotated basal prior is the same prior); only
+        the mask prior prefers the basis in which each perturbation moves few units, and it is too
+        weak a force for gradient descent to turn a basis learned with dense masks. This takes the
+        step directly: the rotation in which the expected shift table (perturbations × units) is
+        sparsest (:func:`sams_core.rotation.sparsest_rotation`), applied with
+        :meth:`rotate_units`; masks restart at ``mask_logit`` in the new basis. Returns the
+        rotation.
+        """
+        from sams_core.rotation import sparsest_rotation
+
+        table = self.latent_shift(torch.eye(self.n_perturbations, device=self.input_mean.device))
+        R = sparsest_rotation(table.detach().cpu())
+        self.rotate_units(R, mask_logit)
+        return R
+
     # ---- local -----------------------------------------------------------------------
     def decode(self, z: torch.Tensor, d: torch.Tensor | None = None) -> torch.Tensor:
         return self.decoder(z)
@@ -186,7 +271,7 @@ class SAMSVAE(PerturbationModel):
         log_px = self.likelihood.varying(batch.x, out, log_lib).mean(0) + self.likelihood.constant(batch.x)
         kl_z = kl_normal_std_normal(mean, log_std).sum(-1).mean(0)  # [B]
         glob = (log_ratio @ self.global_weights(batch.d).t()).mean(0)  # [B]
-        elbo = log_px - kl_z + self.global_weight * glob
+        elbo = log_px - kl_z + self.current_global_weight * glob
         return LossOutput(
             loss=-elbo.mean(),
             terms={
