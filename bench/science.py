@@ -33,7 +33,8 @@ from sams_core.bundle import ModelBundle, make_manifest  # noqa: E402
 from sams_core.evaluate import evaluate_model, iwelbo  # noqa: E402
 from sams_core.simulate import simulate_sams_screen, simulate_svae_screen, truth_from_adata, truth_masks_for  # noqa: E402
 from sams_core.train import TrainConfig, fit_new_conditions, train  # noqa: E402
-from sams_core.truth import latent_mcc, mask_scores, target_recovery  # noqa: E402
+from sams_core.interpret import effect_enrichment, predict_effect, program_collection, unit_enrichment, unit_loadings  # noqa: E402
+from sams_core.truth import latent_mcc, mask_scores, match_units, target_recovery  # noqa: E402
 
 MODELS = [
     ("SAMS-VAE (mean-field)", "sams_vae", {"guide": "mean-field"}),
@@ -70,10 +71,41 @@ def _fit(family: str, hp: dict, data, split, n_latent: int, args: argparse.Names
     """Train one model on the split; returns (model, seconds)."""
     extra = dict(hp)
     if family == "sams_vae":
-        extra.update(global_weight=args.global_weight, mask_init_logit=args.mask_init_logit)
+        extra.update({k: v for k, v in (("global_weight", args.global_weight), ("align_at", args.align_at)) if v is not None})
     t0 = time.perf_counter()
     model, _ = train(data, family, split, TrainConfig(epochs=args.epochs, seed=args.seed), n_latent=n_latent, n_hidden=args.hidden, **extra)
     return model, time.perf_counter() - t0
+
+
+def program_recovery(model, data, adata, truth, cells: np.ndarray) -> dict:
+    """Do the gene programs of the latent units name the true programs?
+
+    Units are matched to true units by the correlation of cell latents (Hungarian). ``unit top
+    set`` is the fraction of truly targeted units whose most enriched set (rank test on the
+    unit's loadings) is the program that unit truly drives; ``effect top sets`` the fraction of
+    single perturbations whose predicted effect has, among its n most enriched sets (n = its
+    number of true targets), at least one program of a unit it truly targets; ``effect all``
+    the fraction where the top n sets are exactly its targets' programs.
+    """
+    bundle = _bundle(model, data)
+    coll = program_collection(adata)
+    program_of = {u: name for name, u in truth.unit_of_program.items()}
+    inferred = cell_latents(bundle, data, cells, "full")
+    match = match_units(adata.obsm["X_true_latent"][cells], inferred, method="correlation")
+    enr = unit_enrichment(unit_loadings(bundle, data), coll, "rank")
+    targeted = [k for k in range(truth.n_latent) if truth.masks[:, k].any() and k in program_of]
+    hits = 0
+    for k in targeted:
+        rows = enr[enr["unit"] == int(match[k])].sort_values("p")
+        hits += int(len(rows) > 0 and rows.iloc[0]["set"] == program_of[k])
+    any_hit = all_hit = 0
+    names = list(truth.perturbations)
+    for t, name in enumerate(names):
+        want = {program_of[k] for k in np.flatnonzero(truth.masks[t]) if k in program_of}
+        top = set(effect_enrichment(predict_effect(bundle, name, n_globals=50, n_per_global=5), coll).sort_values("p")["set"].head(len(want)))
+        any_hit += int(bool(top & want))
+        all_hit += int(top == want)
+    return {"unit top set": hits / max(len(targeted), 1), "effect top sets": any_hit / len(names), "effect all": all_hit / len(names)}
 
 
 def table_sams(args: argparse.Namespace) -> pd.DataFrame:
@@ -90,10 +122,11 @@ def table_sams(args: argparse.Namespace) -> pd.DataFrame:
         f1 = mask_scores(tm, probs)["f1"] if probs is not None else np.nan
         cells = np.flatnonzero(split != "test")
         mcc = latent_mcc(adata.obsm["X_true_latent"][cells], cell_latents(_bundle(model, data), data, cells, "full"))["mcc"]
+        programs = program_recovery(model, data, adata, truth, cells) if family in ("sams_vae", "cpa_vae") else {}
         rows.append({
             "model": name, "heldout IWELBO": ev["iwelbo"], "ATE r": ev["ate_r"], "ATE R2": ev["ate_r2"],
             "ATE r top20": ev["ate_r_top20"], "ATE R2 top20": ev["ate_r2_top20"], "cos rank": ev["cosine_rank"],
-            "mask F1": f1, "MCC": mcc, "train s": secs,
+            "mask F1": f1, "MCC": mcc, "train s": secs, **programs,
         })
         print(f"  {name}: done in {secs:.0f} s", file=sys.stderr, flush=True)
     return pd.DataFrame(rows)
@@ -129,8 +162,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--epochs", type=int, default=300)
     ap.add_argument("--hidden", type=int, default=128)
-    ap.add_argument("--global-weight", type=float, default=10.0, help="SAMS-VAE weight of the global prior terms")
-    ap.add_argument("--mask-init-logit", type=float, default=-3.0, help="SAMS-VAE initial mask logits")
+    ap.add_argument("--global-weight", type=float, default=None, help="SAMS-VAE weight of the global prior terms after alignment (default: the model's)")
+    ap.add_argument("--align-at", type=float, default=None, help="SAMS-VAE: fraction of the budget after which the latent basis is aligned (default: the model's)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args()
@@ -138,7 +171,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     fmt = lambda v: f"{v:.3f}"  # noqa: E731
     print(f"SAMS-style screen, held-out combinations, {args.epochs} epochs, SAMS-VAE global weight "
-          f"{args.global_weight}, mask logits initialised at {args.mask_init_logit}")
+          f"{args.global_weight or 'default'}, alignment at {args.align_at or 'default'}")
     print(table_sams(args).to_string(index=False, float_format=fmt), flush=True)
     print(f"\nsVAE-style screen, held-out perturbations (20 %), {args.epochs} epochs")
     print(table_svae(args).to_string(index=False, float_format=fmt))

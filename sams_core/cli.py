@@ -29,6 +29,18 @@ def _add_data_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-top-genes", type=int, default=None, help="keep only this many highly variable genes (scanpy)")
 
 
+def _fraction_or_none(text: str) -> float | str:
+    if text.strip().lower() == "none":
+        return "none"
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1) or 'none', got {text!r}") from None
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1) or 'none', got {text!r}")
+    return value
+
+
 def _add_scale_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--devices", type=int, default=1,
@@ -80,6 +92,9 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--hidden", type=int, default=350, help="width of the encoder/decoder hidden layers (default 350)")
     t.add_argument("--layers", type=int, default=1, help="hidden layers in encoder and decoder (default 1)")
     t.add_argument("--mask-prior", type=float, default=None, help="SAMS-VAE prior probability α that a perturbation acts on a unit")
+    t.add_argument("--align-at", type=_fraction_or_none, default=None, help="SAMS-VAE: fraction of the budget after which the latent basis is turned to the sparsest "
+                   "rotation of the perturbation shifts and the prior takes its full weight (default 0.25; 'none' never)")
+    t.add_argument("--global-weight", type=float, default=None, help="SAMS-VAE weight of the mask and embedding prior terms after the alignment (default 15; 1 = the paper's ELBO)")
     t.add_argument("--beta", type=float, default=None, help="sVAE+ Beta(1, β) mask prior (β > 1 is sparse)")
     t.add_argument("--split", default="heldout-combos", choices=SPLIT_KINDS, help="how to split cells (default heldout-combos)")
     t.add_argument("--fraction", type=float, default=0.25, help="held-out fraction of combinations/perturbations, or trained fraction of combination cells for data-efficiency (default 0.25)")
@@ -163,6 +178,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
             hp["guide"] = args.guide
         if args.mask_prior is not None and args.model == "sams_vae":
             hp["mask_prior"] = args.mask_prior
+        if args.align_at is not None and args.model == "sams_vae":
+            hp["align_at"] = None if args.align_at == "none" else args.align_at
+        if args.global_weight is not None and args.model == "sams_vae":
+            hp["global_weight"] = args.global_weight
         if args.beta is not None and args.model == "svae_plus":
             hp["beta"] = args.beta
         cfg = TrainConfig(

@@ -50,7 +50,7 @@ class SAMSVAE(PerturbationModel):
         embed_layers: int = 2,
         temperature: float = 1.0,
         mask_init_logit: float = 0.0,
-        global_weight: float = 10.0,
+        global_weight: float = 15.0,
         align_at: float | None = 0.25,
         warmup_global_weight: float = 1.0,
         align_mask_logit: float = 0.0,
