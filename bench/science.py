@@ -82,8 +82,8 @@ def program_recovery(model, data, adata, truth, cells: np.ndarray) -> dict:
 
     Units are matched to true units by the correlation of cell latents (Hungarian). ``unit top
     set`` is the fraction of truly targeted units whose most enriched set (rank test on the
-    unit's loadings) is the program that unit truly drives; ``effect top sets`` the fraction of
-    single perturbations whose predicted effect has, among its n most enriched sets (n = its
+    unit's |loadings|) is the program that unit truly drives; ``effect top sets`` the fraction of
+    single perturbations whose predicted effect (its size per gene) has, among its n most enriched sets (n = its
     number of true targets), at least one program of a unit it truly targets; ``effect all``
     the fraction where the top n sets are exactly its targets' programs.
     """
@@ -102,7 +102,7 @@ def program_recovery(model, data, adata, truth, cells: np.ndarray) -> dict:
     names = list(truth.perturbations)
     for t, name in enumerate(names):
         want = {program_of[k] for k in np.flatnonzero(truth.masks[t]) if k in program_of}
-        top = set(effect_enrichment(predict_effect(bundle, name, n_globals=50, n_per_global=5), coll).sort_values("p")["set"].head(len(want)))
+        top = set(effect_enrichment(predict_effect(bundle, name, n_globals=50, n_per_global=5), coll, absolute=True).sort_values("p")["set"].head(len(want)))
         any_hit += int(bool(top & want))
         all_hit += int(top == want)
     return {"unit top set": hits / max(len(targeted), 1), "effect top sets": any_hit / len(names), "effect all": all_hit / len(names)}

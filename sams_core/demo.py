@@ -39,7 +39,7 @@ def demo_paths(out_dir: str | Path = DEMO_DIR) -> tuple[Path, dict[str, Path]]:
 
 def build_demo(
     out_dir: str | Path = DEMO_DIR,
-    epochs: int = 60,
+    epochs: int = 200,
     models: list[str] | None = None,
     log: Callable[[str], None] | None = print,
 ) -> dict[str, Path]:
@@ -102,7 +102,7 @@ def build_demo_main(argv: list[str] | None = None) -> int:
         description="Rebuild the shipped demo (a simulated screen and five model bundles) deterministically.",
     )
     p.add_argument("--out", default=str(DEMO_DIR), help="output folder (default: assets/demo)")
-    p.add_argument("--epochs", type=int, default=60, help="training epochs per model (default 60)")
+    p.add_argument("--epochs", type=int, default=200, help="training epochs per model (default 200)")
     p.add_argument("--models", nargs="*", choices=list(DEMO_MODELS), help="only these bundles (default: all)")
     args = p.parse_args(argv)
     build_demo(args.out, args.epochs, args.models)

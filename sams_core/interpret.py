@@ -333,10 +333,14 @@ def unit_enrichment(
     n_top: int = 50,
     units: Sequence[int] | None = None,
     min_size: int = 5,
+    absolute: bool = True,
 ) -> pd.DataFrame:
     """Gene-set enrichment of each unit's loadings as one tidy table.
 
-    ``rank``: rank-sum test of the whole loading vector (sets shifted up or down);
+    ``rank``: rank-sum test of the whole loading vector — of |loading| by default (a program
+    whose genes the unit drives strongly, in either direction: a unit's sign is arbitrary and
+    a program can hold genes that go up and genes that go down), of the signed loadings with
+    ``absolute=False`` (sets shifted up or down);
     ``hypergeometric``: over-representation among the unit's ``n_top`` genes by |loading|.
     Columns: unit, set, description, statistic, p, q (BH within each unit), overlap, ...
     """
@@ -348,7 +352,7 @@ def unit_enrichment(
     for k in units if units is not None else range(loadings.shape[0]):
         row = loadings.iloc[k]
         if method == "rank":
-            t = rank_enrichment(row, collection, min_size=min_size)
+            t = rank_enrichment(row.abs() if absolute else row, collection, min_size=min_size)
         else:
             top = row.abs().sort_values(ascending=False).index[:n_top]
             t = hypergeometric_enrichment(list(top), list(row.index), collection, min_size=min_size)
@@ -357,11 +361,14 @@ def unit_enrichment(
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
-def effect_enrichment(prediction: EffectPrediction, collection, min_size: int = 5) -> pd.DataFrame:
-    """Rank-sum enrichment of a predicted effect over genes (which programs it moves)."""
+def effect_enrichment(prediction: EffectPrediction, collection, min_size: int = 5, absolute: bool = False) -> pd.DataFrame:
+    """Rank-sum enrichment of a predicted effect over genes (which programs it moves): of the
+    signed log2 fold changes (programs pushed up or down), or of their size with ``absolute``
+    (programs moved in either direction, also when their genes go different ways)."""
     from sams_core.genesets import rank_enrichment
 
-    return rank_enrichment(pd.Series(prediction.mean, index=prediction.genes), collection, min_size=min_size)
+    scores = pd.Series(prediction.mean, index=prediction.genes)
+    return rank_enrichment(scores.abs() if absolute else scores, collection, min_size=min_size)
 
 
 def program_collection(adata):
