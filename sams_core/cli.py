@@ -95,7 +95,7 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--align-at", type=_fraction_or_none, default=None, help="SAMS-VAE: fraction of the budget after which the latent basis is turned to the sparsest "
                    "rotation of the perturbation shifts and the prior takes its full weight (default 0.25; 'none' never)")
     t.add_argument("--global-weight", type=float, default=None, help="SAMS-VAE weight of the mask and embedding prior terms after the alignment (default 15; 1 = the paper's ELBO)")
-    t.add_argument("--beta", type=float, default=None, help="sVAE+ Beta(1, β) mask prior (β > 1 is sparse)")
+    t.add_argument("--beta", type=float, default=None, help="sVAE+ Beta(1, β) mask prior (β > 1 is sparse; default 60)")
     t.add_argument("--split", default="heldout-combos", choices=SPLIT_KINDS, help="how to split cells (default heldout-combos)")
     t.add_argument("--fraction", type=float, default=0.25, help="held-out fraction of combinations/perturbations, or trained fraction of combination cells for data-efficiency (default 0.25)")
     t.add_argument("--val-fraction", type=float, default=0.1, help="fraction of the remaining cells used for validation (default 0.1)")

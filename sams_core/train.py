@@ -603,6 +603,7 @@ def fit_new_conditions(
     hp = dict(model.hparams)
     hp["n_conditions"] = A + len(new)
     bigger = build_model(SVAEPlus.family, **hp)
+    bigger.aligned = True  # the basis is the trained model's: it stays fixed with the networks
     state = model.state_dict()
     with torch.no_grad():
         for name, p in bigger.state_dict().items():

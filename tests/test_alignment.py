@@ -103,7 +103,7 @@ def test_schedule_aligns_once_then_uses_the_full_prior_weight():
     assert torch.allclose(torch.sigmoid(m.mask_logits), torch.full((12, 4), 0.5))
     assert not m.end_epoch(3, 8)
     never = _model("mean-field", align_at=None)
-    assert never.aligned and not never.end_epoch(5, 8) and never.current_global_weight == 10.0
+    assert never.aligned and not never.end_epoch(5, 8) and never.current_global_weight == 15.0
     cpa = build_model("cpa_vae", n_genes=20, n_perturbations=12, n_latent=4, n_hidden=16)
     assert cpa.current_global_weight == 1.0 and not cpa.end_epoch(7, 8)
     with pytest.raises(ValueError, match="align_at"):
@@ -120,3 +120,21 @@ def test_training_aligns_on_schedule(data_split):
     assert model.aligned and res.best_epoch > 2
     short, _ = train(data, "sams_vae", split, TrainConfig(epochs=1, batch_size=256), n_latent=4, n_hidden=32)
     assert not short.aligned  # nothing left to train after an alignment: not done
+
+
+def test_svae_plus_alignment_is_exact_and_scheduled():
+    m = build_model("svae_plus", n_genes=20, n_perturbations=6, n_latent=4, n_hidden=16, n_conditions=6)
+    b = _batch()
+    with torch.no_grad():
+        m.pi_logits.fill_(30.0)
+        before = m._encode(b.x)[0]
+        out = m.decoder(before)
+        table = m.shift.clone()
+    R = m.align_units(mask_logit=30.0)
+    with torch.no_grad():
+        after = m._encode(b.x)[0]
+        torch.testing.assert_close(after, before @ R, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(m.decoder(after), out, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(m.shift, table @ R, atol=1e-5, rtol=1e-5)
+    s = build_model("svae_plus", n_genes=20, n_perturbations=6, n_latent=4, n_hidden=16, align_at=0.5)
+    assert not s.end_epoch(1, 4) and s.end_epoch(2, 4) and s.aligned and not s.end_epoch(3, 4)

@@ -39,17 +39,22 @@ class SVAEPlus(PerturbationModel):
         n_hidden: int = 350,
         n_layers: int = 1,
         n_conditions: int = 1,
-        beta: float = 10.0,
+        beta: float = 60.0,
         temperature: float = 1.0,
+        align_at: float | None = 0.25,
         **extra: Any,
     ):
+        if align_at is not None and not 0.0 <= align_at < 1.0:
+            raise ValueError(f"align_at must be a fraction of the training budget in [0, 1) or None, got {align_at!r}")
         if beta <= 0:
             raise ValueError(f"beta must be positive, got {beta}")
         super().__init__(
             n_genes, n_perturbations, n_latent, likelihood,
             n_hidden=n_hidden, n_layers=n_layers, n_conditions=n_conditions, beta=beta,
-            temperature=temperature, **extra,
+            temperature=temperature, align_at=align_at, **extra,
         )
+        self.align_at = align_at
+        self.aligned = align_at is None
         self.beta = beta
         self.temperature = temperature
         self.n_conditions = n_conditions
@@ -111,6 +116,35 @@ class SVAEPlus(PerturbationModel):
         idx = self.condition_index(d)
         table = (torch.sigmoid(self.pi_logits) * self.shift).unsqueeze(0)
         return self._prior_mean(idx, table)[0]
+
+    # ---- identifiability of the latent basis ------------------------------------------
+    def end_epoch(self, epoch: int, total_epochs: int) -> bool:
+        """After ``align_at`` × the budget, turn the latent basis to the one in which the
+        conditions' shifts are sparsest (see :meth:`SAMSVAE.align_units`); True when done."""
+        if self.aligned or epoch < max(1, round(self.align_at * total_epochs)) or epoch >= total_epochs:
+            return False
+        self.align_units()
+        self.aligned = True
+        return True
+
+    @torch.no_grad()
+    def align_units(self, mask_logit: float = 0.0) -> torch.Tensor:
+        """Re-express the model in the orthogonal basis in which the expected shifts π ⊙ μ are
+        sparsest in L1: the prior N(m ⊙ μ, I) and the networks describe the same cells in any
+        rotated basis, only the sparsity prior tells them apart. Masks restart at
+        ``mask_logit``. Returns the rotation."""
+        from sams_core.rotation import sparsest_rotation
+
+        K = self.n_latent
+        table = torch.sigmoid(self.pi_logits) * self.shift
+        R = sparsest_rotation(table.detach().cpu()).to(self.shift.device)
+        self.decoder[0].weight.copy_(self.decoder[0].weight @ R)
+        last = self.encoder[-1]
+        last.weight[:K] = R.T @ last.weight[:K]
+        last.bias[:K] = R.T @ last.bias[:K]
+        self.shift.copy_(table @ R)
+        self.pi_logits.fill_(float(mask_logit))
+        return R
 
     # ---- local -----------------------------------------------------------------------
     def decode(self, z: torch.Tensor, d: torch.Tensor | None = None) -> torch.Tensor:
