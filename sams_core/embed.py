@@ -52,6 +52,10 @@ def subsample(n_cells: int, max_cells: int, seed: int = 0) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(n_cells, max_cells, replace=False))
 
 
+#: Above this many cells the UMAP layout runs 100 epochs instead of umap-learn's default.
+LARGE_EMBEDDING = 20_000
+
+
 def umap_embedding(
     bundle: ModelBundle,
     data: PerturbationData,
@@ -65,8 +69,10 @@ def umap_embedding(
 ) -> Embedding:
     """UMAP (umap-learn) of cells' latents, cached on disk by bundle, data and settings.
 
-    Above ``max_cells`` a seeded subsample is embedded. ``progress(message, fraction)`` is told
-    about the slow steps.
+    Above ``max_cells`` a seeded subsample is embedded. Up to ``LARGE_EMBEDDING`` cells the
+    layout is seeded (identical on every run); above, it runs in parallel with fewer epochs and
+    is not seeded, so a recomputed layout may differ while the cached one is reused.
+    ``progress(message, fraction)`` is told about the slow steps.
     """
     cells = subsample(data.n_cells, max_cells, seed)
     key = hashlib.sha256(json.dumps(
@@ -83,7 +89,13 @@ def umap_embedding(
         progress("running UMAP (the first run in a process compiles it: ~30 s)", 0.3)
     import umap
 
-    coords = umap.UMAP(n_neighbors=n_neighbors, min_dist=min_dist, random_state=seed).fit_transform(z).astype(np.float32)
+    # Up to LARGE_EMBEDDING cells: umap-learn's defaults, seeded (the same layout every time).
+    # Above: 100 layout epochs on every core, unseeded (umap-learn runs seeded layouts on one
+    # thread); 100k cells take ~20 s instead of ~75 s, and the disk cache keeps the layout stable.
+    large = len(cells) > LARGE_EMBEDDING
+    reducer = umap.UMAP(n_neighbors=n_neighbors, min_dist=min_dist, random_state=None if large else seed,
+                        n_epochs=100 if large else None, n_jobs=-1 if large else 1)
+    coords = reducer.fit_transform(z).astype(np.float32)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".partial.npz")
