@@ -55,6 +55,36 @@ def subsample(n_cells: int, max_cells: int, seed: int = 0) -> np.ndarray:
 #: Above this many cells the UMAP layout runs 100 epochs instead of umap-learn's default.
 LARGE_EMBEDDING = 20_000
 
+_COMPILE_CACHE_ON = False
+
+
+def keep_umap_compilation() -> None:
+    """Keep umap-learn's and pynndescent's compiled (numba) functions on disk between runs.
+
+    Both packages compile most of their functions on first use in every new process (~20 s of
+    a 100k-cell embedding). With numba's own on-disk cache turned on for them, only the first
+    embedding after installation pays for it; a few functions that numba cannot cache are
+    still compiled each time. The cache lives where numba puts it (``NUMBA_CACHE_DIR`` when
+    set, else beside the packages' sources or in the user's cache directory).
+    """
+    global _COMPILE_CACHE_ON
+    if _COMPILE_CACHE_ON:
+        return
+    import sys
+    import warnings
+
+    import numba
+    from numba.core.dispatcher import Dispatcher
+
+    warnings.filterwarnings("ignore", message="Cannot cache compiled function", category=numba.NumbaWarning)
+    for name, module in list(sys.modules.items()):
+        if module is None or not name.startswith(("umap.", "pynndescent.")):
+            continue
+        for fn in list(vars(module).values()):
+            if isinstance(fn, Dispatcher) and type(fn._cache).__name__ == "NullCache":
+                fn.enable_caching()
+    _COMPILE_CACHE_ON = True
+
 
 def umap_embedding(
     bundle: ModelBundle,
@@ -86,15 +116,18 @@ def umap_embedding(
         progress("computing latents", 0.1)
     z = cell_latents(bundle, data, cells, latent)
     if progress:
-        progress("running UMAP (the first run in a process compiles it: ~30 s)", 0.3)
+        progress("running UMAP (the first run after installation compiles it: ~30 s more)", 0.3)
     import umap
 
+    keep_umap_compilation()
     # Up to LARGE_EMBEDDING cells: umap-learn's defaults, seeded (the same layout every time).
-    # Above: 100 layout epochs on every core, unseeded (umap-learn runs seeded layouts on one
-    # thread); 100k cells take ~20 s instead of ~75 s, and the disk cache keeps the layout stable.
+    # Above: PCA start, 100 layout epochs on every core, unseeded (umap-learn runs seeded
+    # layouts on one thread); the spectral start alone takes ~9 s at 100k cells, and the disk
+    # cache keeps the layout stable between requests.
     large = len(cells) > LARGE_EMBEDDING
     reducer = umap.UMAP(n_neighbors=n_neighbors, min_dist=min_dist, random_state=None if large else seed,
-                        n_epochs=100 if large else None, n_jobs=-1 if large else 1)
+                        n_epochs=100 if large else None, n_jobs=-1 if large else 1,
+                        init="pca" if large else "spectral")
     coords = reducer.fit_transform(z).astype(np.float32)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)

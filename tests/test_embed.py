@@ -37,3 +37,18 @@ def test_subsample_seeded():
     np.testing.assert_array_equal(subsample(10, 20), np.arange(10))
     a, b = subsample(1000, 50, seed=3), subsample(1000, 50, seed=3)
     np.testing.assert_array_equal(a, b) and len(a) == 50
+
+
+def test_large_layout_path_and_compile_cache(screen, tmp_path, monkeypatch):
+    """Above LARGE_EMBEDDING the layout starts from PCA on every core; compiled code is kept."""
+    import sams_core.embed as embed
+
+    data = from_anndata(screen[0])
+    bundle, _, _ = train_bundle(data, "cpa_vae", SplitSpec("random"), TrainConfig(epochs=2, batch_size=256), None,
+                                evaluate=False, n_latent=3, n_hidden=16)
+    monkeypatch.setattr(embed, "LARGE_EMBEDDING", 300)
+    emb = umap_embedding(bundle, data, max_cells=400, cache_dir=tmp_path)
+    assert emb.coords.shape == (400, 2) and np.isfinite(emb.coords).all()
+    import umap.umap_
+
+    assert type(umap.umap_.smooth_knn_dist._cache).__name__ != "NullCache"
