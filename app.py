@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pandas as pd
 import streamlit as st
 
 import sams_core
@@ -23,9 +22,9 @@ manifest = sel.manifest() if sel is not None else None
 if manifest is None:
     st.stop()
 
-# What the bundle's manifest holds is shown first; the screen and the model itself (PyTorch,
-# AnnData) load after, so the first chart does not wait for them.
-from sams_core.manifest import model_label  # noqa: E402
+# What the bundle's manifest holds is shown first; the screen's counts after, so the first chart
+# waits for neither.
+from sams_core.manifest import FAMILY_LABELS, csv_text, markdown_table, metrics_table, model_label  # noqa: E402
 
 label = model_label(manifest)
 st.subheader(f"{sel.data_label} · {label}")
@@ -39,11 +38,12 @@ with left:
         st.info("This bundle records no training history.")
 with right:
     st.markdown("**Held-out metrics** (from the bundle)")
-    metrics = manifest.get("metrics", {})
-    if metrics:
-        m = pd.DataFrame(metrics).T
-        m.index.name = "split"
-        S.show_table(m.reset_index(), "metrics", "home_metrics")
+    metrics = metrics_table(manifest)
+    if len(metrics) > 1:
+        # a Markdown table: no pandas and no data-grid component before the page is drawn
+        st.markdown(markdown_table(metrics))
+        st.download_button("CSV", data=lambda: csv_text(metrics_table(manifest, digits=None)), file_name="metrics.csv",
+                           mime="text/csv", key="csv_home_metrics", on_click="ignore", icon=":material/download:")
     else:
         st.info("This bundle records no metrics.")
     spec = manifest.get("split", {})
@@ -53,21 +53,26 @@ with right:
             f"held out: {', '.join(spec.get('test_conditions', [])[:12]) or '—'}"
         )
     with st.expander("Hyper-parameters"):
-        st.json(manifest.get("hparams", {}))
+        hparams = manifest.get("hparams") or {}
+        st.markdown(markdown_table([["hyper-parameter", "value"], *([k, str(v)] for k, v in hparams.items())]))
 
 with summary:
-    ctx = S.load(sel)
-    if ctx is None:
+    # The screen's counts come from the file (cached on disk), not from a loaded model: the home
+    # page never waits for PyTorch. Pages that use the model load it and check it fits the data.
+    counts = S.guarded(lambda: S.data_summary(*sel.data_src))
+    if counts is None:
         st.stop()
-    data, bundle = ctx.data, ctx.bundle
-    c = st.columns(6)
-    c[0].metric("Cells", f"{data.n_cells:,}")
-    c[1].metric("Genes", f"{data.n_genes:,}")
-    c[2].metric("Perturbations", data.n_perturbations)
-    c[3].metric("Combinations", len(data.combinations()))
-    c[4].metric("Control cells", f"{int(data.control_mask.sum()):,}")
-    c[5].metric("Model family", bundle.family)
-    if ctx.truth is not None:
+    hp = manifest.get("hparams") or {}
+    st.caption(f"Model family: {FAMILY_LABELS.get(manifest.get('family'), manifest.get('family', '?'))} · "
+               f"{hp.get('n_latent', '?')} latent units · {hp.get('likelihood', '?')} likelihood · "
+               f"trained on {manifest.get('data', {}).get('n_cells', '?')} cells")
+    c = st.columns(5)
+    c[0].metric("Cells", f"{counts.cells:,}")
+    c[1].metric("Genes", f"{counts.genes:,}")
+    c[2].metric("Perturbations", counts.perturbations)
+    c[3].metric("Combinations", counts.combinations)
+    c[4].metric("Control cells", f"{counts.control_cells:,}")
+    if counts.simulated:
         st.success("Simulated data: the answer key (`uns['sams_truth']`) is shown beside the model where it applies.")
 
 st.markdown(

@@ -11,14 +11,16 @@ import io
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
-import numpy as np
-import pandas as pd
 import streamlit as st
 
 from sams_core.demo import DEMO_DIR, DEMO_MODELS, DATA_FILE
 from sams_core.errors import SamsError
+
+if TYPE_CHECKING:  # numpy and pandas load with the first page that needs them
+    import numpy as np
+    import pandas as pd
 
 ROOT = Path(__file__).resolve().parent.parent
 RUNS_DIR = ROOT / "runs"
@@ -121,6 +123,16 @@ def _adata(source: str, content: bytes | None = None):
         return anndata.read_h5ad(p)
     except Exception as e:  # noqa: BLE001
         raise SamsError(f"Could not read {p.name} as an .h5ad file ({type(e).__name__}: {e}).") from e
+
+
+@st.cache_data(show_spinner="Reading data…", max_entries=50)
+def data_summary(source: str, content: bytes | None = None):
+    """Cells, genes, perturbations, combinations and controls of a screen (no model loaded)."""
+    from sams_core.summary import screen_summary, summarize_adata
+
+    if content is None:
+        return screen_summary(source)
+    return summarize_adata(_adata(source, content))
 
 
 @st.cache_resource(show_spinner="Matching data to the model…")
@@ -403,7 +415,7 @@ def mask_truth(ctx: Context):
 
 
 __all__ = [
-    "Context", "Selection", "sidebar", "choose", "load", "widget", "remember", "recalled", "predict", "observed", "unmeasured_pairs", "loadings",
+    "Context", "Selection", "sidebar", "choose", "load", "data_summary", "widget", "remember", "recalled", "predict", "observed", "unmeasured_pairs", "loadings",
     "enrichment", "embedding", "comparison", "chart", "figure_downloads", "table_download", "show_table", "guarded",
     "mask_truth", "run_bundles", "demo_bundles", "RUNS_DIR", "io",
 ]

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -19,8 +18,8 @@ import torch
 from sams_core.bundle import ModelBundle
 from sams_core.data import PerturbationData
 from sams_core.errors import SamsError
+from sams_core.summary import DEFAULT_CACHE
 
-DEFAULT_CACHE = Path(os.environ.get("SAMS_CACHE_DIR", Path.home() / ".cache" / "sams_explorer"))
 
 
 @dataclass

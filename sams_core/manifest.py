@@ -104,5 +104,44 @@ def model_label(manifest: dict[str, Any]) -> str:
     return f"{fam} ({guide})" if guide and family == "sams_vae" else fam
 
 
+def metrics_table(manifest: dict[str, Any], digits: int | None = 4) -> list[list[str]]:
+    """The bundle's recorded metrics as text rows: a header (``metric`` then one column per split)
+    and one row per metric, values to ``digits`` significant digits (None: all; "" where a split
+    lacks the metric)."""
+    metrics = manifest.get("metrics") or {}
+    splits = list(metrics)
+    names = sorted({name for values in metrics.values() for name in values})
+    rows = [["metric", *splits]]
+    for name in names:
+        rows.append([name, *(_fmt(metrics[s].get(name), digits) for s in splits)])
+    return rows
+
+
+def _fmt(value: Any, digits: int | None) -> str:
+    if value is None:
+        return ""
+    try:
+        return repr(float(value)) if digits is None else f"{float(value):.{digits}g}"
+    except (TypeError, ValueError):
+        return str(value)
+
+
+def markdown_table(rows: list[list[str]]) -> str:
+    """Text rows (header first) as a Markdown table."""
+    def line(cells: list[str]) -> str:
+        return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
+
+    return "\n".join([line(rows[0]), "|" + "---|" * len(rows[0]), *(line(r) for r in rows[1:])])
+
+
+def csv_text(rows: list[list[str]]) -> str:
+    """Text rows (header first) as CSV."""
+    import csv
+
+    out = io.StringIO()
+    csv.writer(out, lineterminator="\n").writerows(rows)
+    return out.getvalue()
+
+
 __all__ = ["FORMAT", "FORMAT_VERSION", "MANIFEST", "WEIGHTS", "FAMILY_LABELS", "read_parts", "parse_manifest",
-           "read_manifest", "model_label"]
+           "read_manifest", "model_label", "metrics_table", "markdown_table", "csv_text"]

@@ -6,14 +6,15 @@ PNG / SVG / PDF (kaleido, a local Chromium) or a self-contained offline HTML pag
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
-import pandas as pd
-import plotly.express as px
 import plotly.graph_objects as go
 
 from sams_core.errors import SamsError
+
+if TYPE_CHECKING:  # pandas and plotly.express load where a figure needs them (faster first page)
+    import pandas as pd
 
 TEMPLATE = "plotly_white"
 FORMATS = ("png", "svg", "pdf", "html")
@@ -101,14 +102,24 @@ def embedding_heatmap(
     return matrix_heatmap(v, rows, units, title, "RdBu_r", -m, m, 0.0, "shift", ro, co, highlight)
 
 
+def _number(v) -> float:
+    """A loss value as a float (NaN when missing)."""
+    try:
+        return float(v) if v is not None else float("nan")
+    except (TypeError, ValueError):
+        return float("nan")
+
+
 def history_figure(history: Sequence[dict] | pd.DataFrame, title: str = "Training loss") -> go.Figure:
     """Train and validation loss per epoch (a training history as records or a table)."""
-    h = pd.DataFrame(history)
+    records = history.to_dict("records") if hasattr(history, "to_dict") else list(history)
     fig = go.Figure()
-    if not h.empty and "epoch" in h:
+    if records and all("epoch" in r for r in records):
         for col, name in (("train_loss", "train"), ("val_loss", "validation")):
-            if col in h and h[col].notna().any():
-                fig.add_trace(go.Scatter(x=h["epoch"], y=h[col], mode="lines+markers", name=name, marker=dict(size=4)))
+            values = np.array([_number(r.get(col)) for r in records], dtype=float)
+            if np.isfinite(values).any():
+                fig.add_trace(go.Scatter(x=[r["epoch"] for r in records], y=values, mode="lines+markers", name=name,
+                                         marker=dict(size=4)))
     fig.update_xaxes(title="epoch")
     fig.update_yaxes(title="loss (−ELBO per cell)")
     return _layout(fig, title, height=320)
@@ -124,6 +135,9 @@ def umap_scatter(
     max_categories: int = 30,
 ) -> go.Figure:
     """Cells in 2-D coloured by a category (perturbation, targeted, covariate) or a value."""
+    import pandas as pd
+    import plotly.express as px
+
     xy = np.asarray(coords, dtype=float)
     df = pd.DataFrame({"UMAP 1": xy[:, 0], "UMAP 2": xy[:, 1]})
     df[color_label] = np.asarray(color) if continuous else np.asarray(color).astype(str)
@@ -247,7 +261,7 @@ def comparison_bars(table: pd.DataFrame, metrics: Sequence[str], name: str = "na
     if not metrics:
         raise SamsError("None of the chosen metrics is in the comparison table.")
     fig = make_subplots(rows=1, cols=len(metrics), subplot_titles=metrics)
-    kinds = table["kind"] if "kind" in table else pd.Series("model", index=table.index)
+    kinds = table["kind"].to_numpy() if "kind" in table else np.full(len(table), "model")
     colors = np.where(kinds == "baseline", "#95a5a6", "#2e86c1")
     for i, m in enumerate(metrics, start=1):
         fig.add_trace(go.Bar(x=table[name].astype(str), y=table[m], marker_color=colors, showlegend=False,
