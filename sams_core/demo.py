@@ -76,7 +76,35 @@ def build_demo(
         bundle, _, ev = train_bundle(data, family, spec, cfg, path, n_ate_samples=500, n_latent=N_LATENT, n_hidden=N_HIDDEN, **hp)
         written[name] = path
         say(f"{name}: {bundle.label}, {time.perf_counter() - t1:.1f} s")
+    written.update(build_demo_embeddings(out, log=say))
     say(f"demo built in {time.perf_counter() - t0:.1f} s -> {out}")
+    return written
+
+
+def build_demo_embeddings(out_dir: str | Path = DEMO_DIR, log: Callable[[str], None] | None = print) -> dict[str, Path]:
+    """UMAP layouts (full and basal latents, every cell) of each demo bundle, written to
+    ``out_dir/embeddings`` so that the demo's Latent space page opens without computing them."""
+    from sams_core.bundle import load_bundle
+    from sams_core.embed import umap_embedding
+    from sams_core.pipeline import data_for_bundle
+
+    say = log or (lambda s: None)
+    out = Path(out_dir)
+    target = out / "embeddings"
+    if target.exists():
+        for old in target.glob("umap_*.npz"):
+            old.unlink()
+    data_path, bundles = demo_paths(out)
+    written: dict[str, Path] = {}
+    for name, path in bundles.items():
+        bundle = load_bundle(path, device="cpu")
+        data = data_for_bundle(bundle, data_path)
+        for latent in ("full", "basal"):
+            t = time.perf_counter()
+            umap_embedding(bundle, data, latent=latent, max_cells=data.n_cells, shipped_dirs=(), cache_dir=target)
+            say(f"{name}: UMAP of {latent} latents, {time.perf_counter() - t:.1f} s")
+    for f in sorted(target.glob("umap_*.npz")):
+        written[f"embedding:{f.stem}"] = f
     return written
 
 
@@ -104,7 +132,12 @@ def build_demo_main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=str(DEMO_DIR), help="output folder (default: assets/demo)")
     p.add_argument("--epochs", type=int, default=200, help="training epochs per model (default 200)")
     p.add_argument("--models", nargs="*", choices=list(DEMO_MODELS), help="only these bundles (default: all)")
+    p.add_argument("--embeddings-only", action="store_true",
+                   help="only recompute the shipped UMAP layouts of the bundles already in --out")
     args = p.parse_args(argv)
+    if args.embeddings_only:
+        build_demo_embeddings(args.out)
+        return 0
     build_demo(args.out, args.epochs, args.models)
     return 0
 

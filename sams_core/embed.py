@@ -10,7 +10,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -19,6 +19,9 @@ from sams_core.bundle import ModelBundle
 from sams_core.data import PerturbationData
 from sams_core.errors import SamsError
 from sams_core.summary import DEFAULT_CACHE
+
+#: Layouts that ship with the demo (``python -m sams_core build-demo`` writes them).
+SHIPPED_EMBEDDINGS = Path(__file__).resolve().parent.parent / "assets" / "demo" / "embeddings"
 
 
 
@@ -85,6 +88,14 @@ def keep_umap_compilation() -> None:
     _COMPILE_CACHE_ON = True
 
 
+def embedding_key(bundle: ModelBundle, data: PerturbationData, latent: str, n_cells: int, seed: int,
+                  n_neighbors: int, min_dist: float) -> str:
+    """The name under which a layout is cached: model weights, data, and every setting."""
+    return hashlib.sha256(json.dumps(
+        [bundle.checksum(), data.checksum(), latent, int(n_cells), int(seed), int(n_neighbors), float(min_dist)]
+    ).encode()).hexdigest()[:24]
+
+
 def umap_embedding(
     bundle: ModelBundle,
     data: PerturbationData,
@@ -93,6 +104,7 @@ def umap_embedding(
     seed: int = 0,
     n_neighbors: int = 15,
     min_dist: float = 0.3,
+    shipped_dirs: Sequence[str | Path] = (SHIPPED_EMBEDDINGS,),
     cache_dir: str | Path | None = DEFAULT_CACHE,
     progress: Callable[[str, float], None] | None = None,
 ) -> Embedding:
@@ -101,16 +113,17 @@ def umap_embedding(
     Above ``max_cells`` a seeded subsample is embedded. Up to ``LARGE_EMBEDDING`` cells the
     layout is seeded (identical on every run); above, it runs in parallel with fewer epochs and
     is not seeded, so a recomputed layout may differ while the cached one is reused.
+    Layouts are looked up in ``cache_dir`` and then in ``shipped_dirs`` (read-only: the demo's
+    layouts ship with it) before anything is computed; new ones are written to ``cache_dir``.
     ``progress(message, fraction)`` is told about the slow steps.
     """
     cells = subsample(data.n_cells, max_cells, seed)
-    key = hashlib.sha256(json.dumps(
-        [bundle.checksum(), data.checksum(), latent, int(max_cells), int(seed), int(n_neighbors), float(min_dist)]
-    ).encode()).hexdigest()[:24]
-    path = Path(cache_dir) / f"umap_{key}.npz" if cache_dir is not None else None
-    if path is not None and path.exists():
-        with np.load(path, allow_pickle=False) as f:
-            return Embedding(f["coords"], f["cells"], latent, True)
+    name = f"umap_{embedding_key(bundle, data, latent, len(cells), seed, n_neighbors, min_dist)}.npz"
+    path = Path(cache_dir) / name if cache_dir is not None else None
+    for found in ([path] if path is not None else []) + [Path(d) / name for d in shipped_dirs]:
+        if found.exists():
+            with np.load(found, allow_pickle=False) as f:
+                return Embedding(f["coords"], f["cells"], latent, True)
     if progress:
         progress("computing latents", 0.1)
     z = cell_latents(bundle, data, cells, latent)
@@ -131,7 +144,7 @@ def umap_embedding(
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".partial.npz")
-        np.savez(tmp, coords=coords, cells=cells)
+        np.savez_compressed(tmp, coords=coords, cells=cells)
         tmp.replace(path)
     if progress:
         progress("done", 1.0)

@@ -52,3 +52,21 @@ def test_large_layout_path_and_compile_cache(screen, tmp_path, monkeypatch):
     import umap.umap_
 
     assert type(umap.umap_.smooth_knn_dist._cache).__name__ != "NullCache"
+
+
+def test_demo_layouts_ship_with_the_demo(tmp_path):
+    """Every demo bundle's UMAP (full and basal) opens from assets/ with nothing computed."""
+    from sams_core.bundle import load_bundle
+    from sams_core.demo import demo_paths
+    from sams_core.pipeline import data_for_bundle
+
+    data_path, bundles = demo_paths()
+    assert bundles, "the demo bundles are missing"
+    for name, path in bundles.items():
+        bundle = load_bundle(path, device="cpu")
+        data = data_for_bundle(bundle, data_path)
+        for latent in ("full", "basal"):
+            emb = umap_embedding(bundle, data, latent=latent, max_cells=data.n_cells + 500, cache_dir=tmp_path)
+            assert emb.from_cache, f"{name} {latent}: rerun python -m sams_core build-demo --embeddings-only"
+            assert emb.coords.shape == (data.n_cells, 2)
+    assert not list(tmp_path.iterdir()), "nothing is written to the user's cache for shipped layouts"
