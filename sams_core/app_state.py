@@ -379,9 +379,9 @@ def chart(fig, name: str, key: str) -> None:
 
 
 def table_download(df: pd.DataFrame, name: str, key: str, index: bool = False) -> None:
-    """A CSV download button for a table."""
-    st.download_button("CSV", data=df.to_csv(index=index).encode(), file_name=f"{_slug(name)}.csv", mime="text/csv",
-                       key=f"csv_{key}", on_click="ignore", icon=":material/download:")
+    """A CSV download button for a table (the CSV is written only when clicked)."""
+    st.download_button("CSV", data=lambda: df.to_csv(index=index).encode(), file_name=f"{_slug(name)}.csv",
+                       mime="text/csv", key=f"csv_{key}", on_click="ignore", icon=":material/download:")
 
 
 def show_table(df: pd.DataFrame, name: str, key: str, index: bool = False, height: int | None = None) -> None:
