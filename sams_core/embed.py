@@ -24,7 +24,6 @@ from sams_core.summary import DEFAULT_CACHE
 SHIPPED_EMBEDDINGS = Path(__file__).resolve().parent.parent / "assets" / "demo" / "embeddings"
 
 
-
 @dataclass
 class Embedding:
     """2-D coordinates of a subset of cells (``cells`` are row positions in the data)."""
