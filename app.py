@@ -5,7 +5,7 @@ from __future__ import annotations
 import streamlit as st
 
 import sams_core
-from sams_core import app_state as S
+from explorer import state as S
 from sams_core import plots
 
 st.set_page_config(page_title="SAMS Explorer", layout="wide")
@@ -24,7 +24,8 @@ if manifest is None:
 
 # What the bundle's manifest holds is shown first; the screen's counts after, so the first chart
 # waits for neither.
-from sams_core.manifest import FAMILY_LABELS, csv_text, markdown_table, metrics_table, model_label  # noqa: E402
+from sams_core.models.registry import FAMILY_LABELS
+from sams_core.io.manifest import csv_text, markdown_table, metrics_table, model_label
 
 label = model_label(manifest)
 st.subheader(f"{sel.data_label} · {label}")

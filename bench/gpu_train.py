@@ -56,9 +56,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from sams_core.data import PerturbationData  # noqa: E402
-from sams_core.models import FAMILY_LABELS, PerturbationModel  # noqa: E402
-from sams_core.train import TrainConfig, build_for_data, fit  # noqa: E402
+from sams_core.data.screen import PerturbationData
+from sams_core.models.registry import FAMILY_LABELS
+from sams_core.models.base import PerturbationModel
+from sams_core.training.trainer import TrainConfig, build_for_data, fit
 
 FULL = dict(cells=111_000, genes=5_000, latent=200, perturbations=105, combinations=130, hidden=400, epochs=3)
 SMALL = dict(cells=5_000, genes=500, latent=50, perturbations=105, combinations=130, hidden=400, epochs=3)
@@ -180,7 +181,7 @@ def counted_step_flops(model: PerturbationModel, data: PerturbationData, batch: 
     """FLOPs of one step (loss and backward) as counted by ``torch.utils.flop_counter`` (a check)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from sams_core.train import DeviceData, condition_ids
+    from sams_core.data.batches import DeviceData, condition_ids
 
     model.to(device)
     n = min(batch, data.n_cells)

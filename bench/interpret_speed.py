@@ -23,19 +23,19 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from sams_core.bundle import ModelBundle, make_manifest  # noqa: E402
-from sams_core.interpret import predict_effect  # noqa: E402
-from sams_core.models import build_model  # noqa: E402
+from sams_core.io.bundle import ModelBundle, make_manifest
+from sams_core.interpret.effects import predict_effect
+from sams_core.models.registry import build_model
 
 
 def enrichment_and_umap(bundle, model, args) -> list[dict]:
     """Time unit enrichment against GO BP and a UMAP of many cells (first and cached)."""
     import tempfile
 
-    from sams_core.data import PerturbationData
-    from sams_core.embed import umap_embedding
-    from sams_core.genesets import load_shipped
-    from sams_core.interpret import unit_enrichment
+    from sams_core.data.screen import PerturbationData
+    from sams_core.interpret.embed import umap_embedding
+    from sams_core.interpret.genesets import load_shipped
+    from sams_core.interpret.programs import unit_enrichment
 
     rows = []
     go = load_shipped("go_bp")

@@ -27,14 +27,17 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from sams_core.data import from_anndata, make_split  # noqa: E402
-from sams_core.embed import cell_latents  # noqa: E402
-from sams_core.bundle import ModelBundle, make_manifest  # noqa: E402
-from sams_core.evaluate import evaluate_model, iwelbo  # noqa: E402
+from sams_core.data.screen import from_anndata
+from sams_core.data.splits import make_split
+from sams_core.interpret.embed import cell_latents
+from sams_core.io.bundle import ModelBundle, make_manifest
+from sams_core.evaluation.metrics import evaluate_model, iwelbo
 from sams_core.simulate import simulate_sams_screen, simulate_svae_screen, truth_from_adata, truth_masks_for  # noqa: E402
-from sams_core.train import TrainConfig, fit_new_conditions, train  # noqa: E402
-from sams_core.interpret import effect_enrichment, predict_effect, program_collection, unit_enrichment, unit_loadings  # noqa: E402
-from sams_core.truth import latent_mcc, mask_scores, match_units, target_recovery  # noqa: E402
+from sams_core.training.trainer import TrainConfig, train
+from sams_core.training.new_conditions import fit_new_conditions
+from sams_core.interpret.programs import effect_enrichment, program_collection, unit_enrichment, unit_loadings
+from sams_core.interpret.effects import predict_effect
+from sams_core.evaluation.truth import latent_mcc, mask_scores, match_units, target_recovery
 
 MODELS = [
     ("SAMS-VAE (mean-field)", "sams_vae", {"guide": "mean-field"}),

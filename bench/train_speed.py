@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -24,8 +23,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from sams_core.data import PerturbationData  # noqa: E402
-from sams_core.train import TrainConfig, build_for_data, fit  # noqa: E402
+from sams_core.data.screen import PerturbationData
+from sams_core.training.trainer import TrainConfig, build_for_data, fit
 
 
 def reference_data(n_cells: int, n_genes: int, n_perts: int, seed: int = 0) -> PerturbationData:

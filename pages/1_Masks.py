@@ -7,9 +7,9 @@ import pandas as pd
 import streamlit as st
 import torch
 
-from sams_core import app_state as S
+from explorer import state as S
 from sams_core import plots
-from sams_core.interpret import heatmap_orders
+from sams_core.plots import heatmap_orders
 
 st.set_page_config(page_title="Masks · SAMS Explorer", layout="wide")
 st.title("Masks")
@@ -85,7 +85,7 @@ if truth is not None and truth_m is not None:
     with b:
         S.chart(plots.embedding_heatmap(temb[pos], sel_rows, tu, orders=tor, highlight=chosen, title="True effects"), "true_effects", "masks_truth_emb")
     if probs is not None:
-        from sams_core.truth import mask_scores
+        from sams_core.evaluation.truth import mask_scores
 
         sc = mask_scores(truth_m, probs, threshold)
         st.markdown(f"**Mask recovery at {threshold:g}** (units matched by overlap): precision {sc['precision']:.2f}, "

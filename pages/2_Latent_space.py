@@ -7,10 +7,10 @@ import pandas as pd
 import streamlit as st
 import torch
 
-from sams_core import app_state as S
+from explorer import state as S
 from sams_core import plots
-from sams_core.data import split_label
-from sams_core.embed import cell_latents
+from sams_core.data.screen import split_label
+from sams_core.interpret.embed import cell_latents
 
 st.set_page_config(page_title="Latent space · SAMS Explorer", layout="wide")
 st.title("Latent space")

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pandas as pd
 import streamlit as st
 import torch
 
-from sams_core import app_state as S
+from explorer import state as S
 from sams_core import plots
-from sams_core.genesets import load_shipped, read_gmt, shipped_collections
-from sams_core.interpret import program_collection, top_genes
+from sams_core.interpret.genesets import load_shipped, read_gmt, shipped_collections
+from sams_core.interpret.programs import program_collection, top_genes
 
 st.set_page_config(page_title="Gene programs · SAMS Explorer", layout="wide")
 st.title("Gene programs")

@@ -6,10 +6,10 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from sams_core import app_state as S
+from explorer import state as S
 from sams_core import plots
-from sams_core.data import canonical_label
-from sams_core.interpret import additive_baseline
+from sams_core.data.screen import canonical_label
+from sams_core.evaluation.baselines import additive_baseline
 
 st.set_page_config(page_title="Compose · SAMS Explorer", layout="wide")
 st.title("Compose")

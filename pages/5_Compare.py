@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import numpy as np
-import pandas as pd
 import streamlit as st
 import torch
 
-from sams_core import app_state as S
+from explorer import state as S
 from sams_core import plots
 
 st.set_page_config(page_title="Compare · SAMS Explorer", layout="wide")
@@ -42,7 +41,7 @@ table.insert(1, "model", [labels.get(n, n) for n in table["name"]])
 truth = ctx.truth
 if truth is not None:
     from sams_core.simulate import truth_masks_for
-    from sams_core.truth import mask_scores
+    from sams_core.evaluation.truth import mask_scores
 
     f1 = []
     for n in table["name"]:

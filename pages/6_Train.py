@@ -6,7 +6,7 @@ import re
 
 import streamlit as st
 
-from sams_core import app_state as S
+from explorer import state as S
 from sams_core import plots
 from sams_core.errors import SamsError
 
@@ -32,7 +32,7 @@ name = st.text_input("Run name", default_name, key=f"train_name_{default_name}")
 
 if st.button("Start training", type="primary", key="train_start"):
     from sams_core.pipeline import SplitSpec, train_bundle
-    from sams_core.train import TrainConfig
+    from sams_core.training.trainer import TrainConfig
 
     safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("._") or "run"
     out = S.RUNS_DIR / f"{safe}.sams"

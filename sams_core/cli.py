@@ -9,16 +9,16 @@ from __future__ import annotations
 import argparse
 import subprocess
 import sys
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import pandas as pd
 
 from sams_core import __version__
-from sams_core.data import SPLIT_KINDS
+from sams_core.data.splits import SPLIT_KINDS
 from sams_core.errors import SamsError
-from sams_core.models import FAMILIES, GUIDES
+from sams_core.models.registry import FAMILIES
+from sams_core.models.sams_vae import GUIDES
 
 
 def _add_data_options(p: argparse.ArgumentParser) -> None:
@@ -56,10 +56,10 @@ def _add_scale_options(p: argparse.ArgumentParser) -> None:
 
 
 def _read_data(args: argparse.Namespace):
-    from sams_core.data import read_h5ad
+    from sams_core.data.screen import read_h5ad
 
     if getattr(args, "backed", False):
-        from sams_core.backed import read_h5ad_backed
+        from sams_core.data.backed import read_h5ad_backed
 
         return read_h5ad_backed(
             args.data,
@@ -138,7 +138,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def parse_combination(text: str) -> dict[str, float]:
     """"A+B:0.5" → {"A": 1.0, "B": 0.5}; "control" → {}."""
-    from sams_core.data import split_label
+    from sams_core.data.screen import split_label
 
     out: dict[str, float] = {}
     for part in split_label(text):
@@ -151,9 +151,9 @@ def parse_combination(text: str) -> dict[str, float]:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from sams_core import distributed
+    from sams_core.training import distributed
     from sams_core.pipeline import SplitSpec, train_bundle
-    from sams_core.train import TrainConfig, tqdm_progress
+    from sams_core.training.trainer import TrainConfig, tqdm_progress
 
     if args.devices < 1:
         raise SamsError(f"--devices must be at least 1, got {args.devices}.")
@@ -211,7 +211,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from sams_core.evaluate import evaluate_model
+    from sams_core.evaluation.metrics import evaluate_model
     from sams_core.pipeline import load_data_and_bundle
 
     bundle, data, split = load_data_and_bundle(args.bundle, args.data)
@@ -226,9 +226,9 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    from sams_core.bundle import load_bundle
-    from sams_core.data import dosage_rows
-    from sams_core.evaluate import model_ate_draws
+    from sams_core.io.bundle import load_bundle
+    from sams_core.data.screen import dosage_rows
+    from sams_core.evaluation.metrics import model_ate_draws
 
     bundle = load_bundle(args.bundle)
     if not 0 < args.level < 1:

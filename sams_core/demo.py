@@ -14,7 +14,9 @@ from typing import Any, Callable
 
 import numpy as np
 
-DEMO_DIR = Path(__file__).resolve().parent.parent / "assets" / "demo"
+from sams_core.settings import SETTINGS
+
+DEMO_DIR = SETTINGS.demo_dir
 DATA_FILE = "screen.h5ad"
 
 # name -> (family, hyper-parameters); the order is the order shown in the app
@@ -49,10 +51,10 @@ def build_demo(
     """
     import torch
 
-    from sams_core.data import from_anndata
-    from sams_core.pipeline import SplitSpec, train_bundle
+    from sams_core.data.screen import from_anndata
+    from sams_core.pipeline import train_bundle
     from sams_core.simulate import simulate_sams_screen
-    from sams_core.train import TrainConfig
+    from sams_core.training.trainer import TrainConfig
 
     say = log or (lambda s: None)
     out = Path(out_dir)
@@ -84,8 +86,8 @@ def build_demo(
 def build_demo_embeddings(out_dir: str | Path = DEMO_DIR, log: Callable[[str], None] | None = print) -> dict[str, Path]:
     """UMAP layouts (full and basal latents, every cell) of each demo bundle, written to
     ``out_dir/embeddings`` so that the demo's Latent space page opens without computing them."""
-    from sams_core.bundle import load_bundle
-    from sams_core.embed import umap_embedding
+    from sams_core.interpret.embed import umap_embedding
+    from sams_core.io.bundle import load_bundle
     from sams_core.pipeline import data_for_bundle
 
     say = log or (lambda s: None)

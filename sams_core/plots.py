@@ -36,7 +36,7 @@ def _layout(fig: go.Figure, title: str | None = None, height: int | None = None)
 def _orders(values: np.ndarray, cluster: bool) -> tuple[np.ndarray, np.ndarray]:
     if not cluster or values.shape[0] == 0 or values.shape[1] == 0:
         return np.arange(values.shape[0]), np.arange(values.shape[1])
-    from sams_core.interpret import heatmap_orders
+    from sams_core.plots import heatmap_orders
 
     return heatmap_orders(values)
 
@@ -287,3 +287,19 @@ def figure_bytes(fig: go.Figure, fmt: str, width: int | None = None, height: int
         return fig.to_image(format=fmt, width=width, height=height, scale=scale if fmt == "png" else 1)
     except Exception as e:  # kaleido needs Chrome/Chromium
         raise SamsError(f"Could not export the figure as {fmt.upper()}: {e}. Install Chromium (kaleido uses it) or download HTML.") from e
+
+
+def cluster_order(matrix: np.ndarray, method: str = "average") -> np.ndarray:
+    """Row order from hierarchical clustering of the rows of ``matrix`` (scipy leaves order)."""
+    from scipy.cluster.hierarchy import leaves_list, linkage
+
+    m = np.asarray(matrix, dtype=np.float64)
+    if m.shape[0] < 3:
+        return np.arange(m.shape[0])
+    return leaves_list(linkage(m, method=method, optimal_ordering=True))
+
+
+def heatmap_orders(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Row and column orders for a heatmap (e.g. perturbations × units mask probabilities)."""
+    v = np.asarray(values, dtype=np.float64)
+    return cluster_order(v), cluster_order(v.T)

@@ -281,7 +281,7 @@ def readme_text(
     return f"""# Shipped gene sets (Gene Ontology, human)
 
 Gene sets for enrichment tests in SAMS Explorer, one GMT file per GO ontology, gzip
-compressed. Read them with `sams_core.genesets.load_shipped("go_bp")` (or `go_mf`,
+compressed. Read them with `sams_core.interpret.genesets.load_shipped("go_bp")` (or `go_mf`,
 `go_cc`), or with any GMT reader after `gunzip`.
 
 **Generated files — do not edit by hand.** Rebuild with the command at the end.

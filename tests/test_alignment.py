@@ -7,12 +7,14 @@ import numpy as np
 import pytest
 import torch
 
-from sams_core.models import Batch, build_model
+from sams_core.models.base import Batch
+from sams_core.models.registry import build_model
 
 
 @pytest.fixture(scope="module")
 def data_split(screen):
-    from sams_core.data import from_anndata, make_split
+    from sams_core.data.screen import from_anndata
+    from sams_core.data.splits import make_split
 
     data = from_anndata(screen[0])
     return data, make_split(data, "heldout-combos", fraction=0.34, seed=0)
@@ -58,7 +60,7 @@ def test_sparsest_rotation_recovers_a_rotated_sparse_basis():
     """Shifts that are sparse in a hidden basis become sparse again (up to order and sign)."""
     from scipy.optimize import linear_sum_assignment
 
-    from sams_core.rotation import sparsest_rotation
+    from sams_core.models.rotation import sparsest_rotation
 
     rng = np.random.default_rng(0)
     T, K = 24, 6
@@ -113,7 +115,7 @@ def test_schedule_aligns_once_then_uses_the_full_prior_weight():
 def test_training_aligns_on_schedule(data_split):
     """fit() runs the schedule: the basis is aligned after a quarter of the budget and training
     goes on with a fresh optimiser; the kept state is from after the alignment."""
-    from sams_core.train import TrainConfig, train
+    from sams_core.training.trainer import TrainConfig, train
 
     data, split = data_split
     model, res = train(data, "sams_vae", split, TrainConfig(epochs=8, batch_size=256), n_latent=4, n_hidden=32)

@@ -7,11 +7,13 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from sams_core.backed import BackedMatrix, BackedPerturbationData, ChunkedSource, read_h5ad_backed
-from sams_core.data import TRAIN, make_split, read_h5ad
+from sams_core.data.backed import BackedMatrix, BackedPerturbationData, read_h5ad_backed
+from sams_core.data.batches import ChunkedSource
+from sams_core.data.splits import TRAIN, make_split
+from sams_core.data.screen import read_h5ad
 from sams_core.errors import SamsError
 from sams_core.simulate import simulate_sams_screen
-from sams_core.train import TrainConfig, train
+from sams_core.training.trainer import TrainConfig, train
 
 CHUNK = 32
 HP = dict(n_latent=4, n_hidden=32)

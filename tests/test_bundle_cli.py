@@ -8,15 +8,14 @@ import zipfile
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
-from sams_core.bundle import load_bundle
+from sams_core.io.bundle import load_bundle
 from sams_core.cli import main, parse_combination
-from sams_core.data import from_anndata
+from sams_core.data.screen import from_anndata
 from sams_core.errors import SamsError
-from sams_core.evaluate import model_ate_draws
+from sams_core.evaluation.metrics import model_ate_draws
 from sams_core.pipeline import SplitSpec, data_for_bundle, split_for_bundle, train_bundle
-from sams_core.train import TrainConfig
+from sams_core.training.trainer import TrainConfig
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +52,7 @@ def test_split_and_data_recreated_from_bundle(trained, screen_path):
 
 def test_folder_bundle_and_bytes(trained, tmp_path):
     _, out, bundle, _ = trained
-    from sams_core.bundle import save_bundle
+    from sams_core.io.bundle import save_bundle
 
     folder = save_bundle(tmp_path / "folder_bundle", bundle.model, bundle.manifest)
     assert (folder / "manifest.json").exists() and (folder / "weights.safetensors").exists()
@@ -92,7 +91,7 @@ def test_tampered_and_truncated_bundles_are_refused(trained, tmp_path):
 
 
 def test_manifest_read_without_the_model(trained, tmp_path):
-    from sams_core.manifest import model_label, read_manifest
+    from sams_core.io.manifest import model_label, read_manifest
 
     _, out, _, _ = trained
     man = read_manifest(out)

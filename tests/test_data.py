@@ -8,7 +8,8 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from sams_core.data import dosage_rows, from_anndata, make_split, read_h5ad, split_label
+from sams_core.data.screen import dosage_rows, from_anndata, read_h5ad, split_label
+from sams_core.data.splits import make_split
 from sams_core.errors import SamsError
 
 

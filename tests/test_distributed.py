@@ -33,9 +33,10 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from sams_core import distributed
-from sams_core.data import make_split, read_h5ad
-from sams_core.train import TrainConfig, train
+from sams_core.training import distributed
+from sams_core.data.splits import make_split
+from sams_core.data.screen import read_h5ad
+from sams_core.training.trainer import TrainConfig, train
 
 HP = dict(n_latent=4, n_hidden=32, guide="correlated", embed_hidden=16, embed_layers=2)
 CFG = dict(epochs=3, batch_size=90, lr=3e-3, seed=5, device="cpu")
@@ -72,8 +73,8 @@ class deterministic_noise:
 
 
 def _run(path: str, patched: bool, backed: bool = False, **cfg_extra):
-    if backed:  # rows read from the file in chunks of 64 (sams_core.backed)
-        from sams_core.backed import read_h5ad_backed
+    if backed:  # rows read from the file in chunks of 64 (sams_core.data.backed)
+        from sams_core.data.backed import read_h5ad_backed
 
         data = read_h5ad_backed(path, chunk_size=64)
         cfg_extra.setdefault("chunks_per_buffer", 2)
@@ -176,7 +177,7 @@ def test_two_ranks_on_backed_file_match_single_process(ddp_results, screen_file)
 
 
 def test_shards_must_divide_over_ranks(screen):
-    from sams_core.data import from_anndata
+    from sams_core.data.screen import from_anndata
     from sams_core.errors import SamsError
 
     data = from_anndata(screen[0])
@@ -190,7 +191,7 @@ def test_shards_must_divide_over_ranks(screen):
 def test_cli_under_torchrun_trains_on_all_ranks_and_rank0_saves(ddp_results):
     out = ddp_results[2]
     assert [Path(out, f"cli_rc{r}").read_text() for r in range(2)] == ["0", "0"]
-    from sams_core.bundle import load_bundle
+    from sams_core.io.bundle import load_bundle
 
     bundle = load_bundle(out / "cli.sams")
     assert bundle.manifest["training"]["config"]["device"] == "cpu"

@@ -7,11 +7,11 @@ import time
 import numpy as np
 import pytest
 
-from sams_core.data import from_anndata
-from sams_core.embed import subsample, umap_embedding
+from sams_core.data.screen import from_anndata
+from sams_core.interpret.embed import subsample, umap_embedding
 from sams_core.errors import SamsError
 from sams_core.pipeline import SplitSpec, train_bundle
-from sams_core.train import TrainConfig
+from sams_core.training.trainer import TrainConfig
 
 
 def test_umap_cached_and_subsampled(screen, tmp_path):
@@ -41,7 +41,7 @@ def test_subsample_seeded():
 
 def test_large_layout_path_and_compile_cache(screen, tmp_path, monkeypatch):
     """Above LARGE_EMBEDDING the layout starts from PCA on every core; compiled code is kept."""
-    import sams_core.embed as embed
+    import sams_core.interpret.embed as embed
 
     data = from_anndata(screen[0])
     bundle, _, _ = train_bundle(data, "cpa_vae", SplitSpec("random"), TrainConfig(epochs=2, batch_size=256), None,
@@ -56,7 +56,7 @@ def test_large_layout_path_and_compile_cache(screen, tmp_path, monkeypatch):
 
 def test_demo_layouts_ship_with_the_demo(tmp_path):
     """Every demo bundle's UMAP (full and basal) opens from assets/ with nothing computed."""
-    from sams_core.bundle import load_bundle
+    from sams_core.io.bundle import load_bundle
     from sams_core.demo import demo_paths
     from sams_core.pipeline import data_for_bundle
 

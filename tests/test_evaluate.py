@@ -6,8 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from sams_core.data import from_anndata
-from sams_core.evaluate import ate_transform, cosine_rank, data_ate, effect_scores
+from sams_core.data.screen import from_anndata
+from sams_core.evaluation.metrics import ate_transform, cosine_rank, data_ate, effect_scores
 
 
 def test_ate_transform_and_data_ate_by_hand(screen):
@@ -40,7 +40,7 @@ def test_effect_scores_known_answers():
 
 
 def test_energy_distance_known_answers():
-    from sams_core.evaluate import energy_distance
+    from sams_core.evaluation.compare import energy_distance
 
     rng = np.random.default_rng(0)
     a = rng.normal(size=(200, 3))
@@ -51,10 +51,9 @@ def test_energy_distance_known_answers():
 
 
 def test_compare_models_and_baselines_on_heldout(screen):
-    from sams_core.data import make_split
-    from sams_core.evaluate import compare_on_heldout
+    from sams_core.evaluation.compare import compare_on_heldout
     from sams_core.pipeline import SplitSpec, train_bundle
-    from sams_core.train import TrainConfig
+    from sams_core.training.trainer import TrainConfig
 
     data = from_anndata(screen[0])
     spec = SplitSpec("heldout-combos", 0.67, seed=0)

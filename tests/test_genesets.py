@@ -12,7 +12,7 @@ import pytest
 from scipy import stats
 from statsmodels.stats.multitest import multipletests
 
-from sams_core import genesets as gs
+from sams_core.interpret import genesets as gs
 from sams_core.errors import SamsError
 
 GMT = (

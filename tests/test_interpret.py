@@ -6,28 +6,16 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from sams_core.data import from_anndata
+from sams_core.data.screen import from_anndata
 from sams_core.errors import SamsError
-from sams_core.evaluate import effect_scores
-from sams_core.interpret import (
-    effect_enrichment,
-    program_collection,
-    unit_enrichment,
-    heatmap_orders,
-    perturbation_distances,
-    rank_unmeasured_pairs,
-    top_genes,
-    unit_loadings,
-    write_back,
-    additive_baseline,
-    combination_label,
-    diversity_check,
-    mean_baseline,
-    observed_effects,
-    predict_effect,
-)
+from sams_core.evaluation.metrics import effect_scores
+from sams_core.interpret.programs import effect_enrichment, program_collection, unit_enrichment, top_genes, unit_loadings
+from sams_core.plots import heatmap_orders
+from sams_core.interpret.effects import perturbation_distances, rank_unmeasured_pairs, combination_label, predict_effect
+from sams_core.interpret.writeback import write_back
+from sams_core.evaluation.baselines import additive_baseline, diversity_check, mean_baseline, observed_effects
 from sams_core.pipeline import SplitSpec, train_bundle
-from sams_core.train import TrainConfig
+from sams_core.training.trainer import TrainConfig
 
 
 @pytest.fixture(scope="module")

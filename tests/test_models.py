@@ -8,11 +8,12 @@ import pytest
 import scipy.stats as st
 import torch
 
-from sams_core.data import from_anndata, make_split
-from sams_core.distributions import Likelihood, nb_log_prob, poisson_log_prob, relaxed_bernoulli_st
-from sams_core.evaluate import iwelbo
-from sams_core.models import FAMILIES, build_model
-from sams_core.train import TrainConfig, build_for_data, fit, train
+from sams_core.data.screen import from_anndata
+from sams_core.data.splits import make_split
+from sams_core.models.distributions import Likelihood, nb_log_prob, poisson_log_prob, relaxed_bernoulli_st
+from sams_core.evaluation.metrics import iwelbo
+from sams_core.models.registry import FAMILIES, build_model
+from sams_core.training.trainer import TrainConfig, build_for_data, fit, train
 
 
 def test_negative_binomial_and_poisson_match_scipy():
@@ -90,7 +91,7 @@ def test_each_family_trains_and_beats_untrained(family, data_split):
     assert res.history[-1].train_loss < res.history[0].train_loss
     assert res.best_epoch >= 1 and res.history[-1].val_loss is not None
     assert set(res.history[0].terms) == {"log_px", "kl_z", "kl_global"}
-    lat = model.latent(__import__("sams_core.train", fromlist=["DeviceData"]).DeviceData(data, test[:5], torch.device("cpu"), np.full(data.n_cells, -1)).batch(torch.arange(5)))
+    lat = model.latent(__import__("sams_core.data.batches", fromlist=["DeviceData"]).DeviceData(data, test[:5], torch.device("cpu"), np.full(data.n_cells, -1)).batch(torch.arange(5)))
     assert lat["full"].shape == (5, 4)
 
 
@@ -122,7 +123,7 @@ def test_training_is_seeded(data_split):
 
 
 def test_sparse_rows_gathered_on_device_match_dense(data_split):
-    from sams_core.train import DeviceData
+    from sams_core.data.batches import DeviceData
 
     data, _ = data_split
     idx = np.arange(data.n_cells)
@@ -134,7 +135,7 @@ def test_sparse_rows_gathered_on_device_match_dense(data_split):
 
 
 def test_svae_fits_heldout_perturbations_with_frozen_networks(screen):
-    from sams_core.train import fit_new_conditions
+    from sams_core.training.new_conditions import fit_new_conditions
 
     data = from_anndata(screen[0])
     split = make_split(data, "heldout-perturbations", heldout=["TAL1"], seed=0)

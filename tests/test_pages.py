@@ -39,7 +39,7 @@ def fast_umap(monkeypatch, tmp_path):
 
     monkeypatch.setattr(umap, "UMAP", FakeUMAP)
     monkeypatch.setenv("SAMS_CACHE_DIR", str(tmp_path))
-    import sams_core.embed as embed
+    import sams_core.interpret.embed as embed
 
     monkeypatch.setattr(embed, "DEFAULT_CACHE", tmp_path)
     defaults = list(embed.umap_embedding.__defaults__)
@@ -134,7 +134,7 @@ def test_compare_page():
 
 
 def test_train_page_trains_and_saves(tmp_path, monkeypatch):
-    from sams_core import app_state
+    from explorer import state as app_state
 
     monkeypatch.setattr(app_state, "RUNS_DIR", tmp_path)
     at = run("pages/6_Train.py")

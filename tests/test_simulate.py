@@ -196,7 +196,8 @@ def test_round_trip_preserves_truth(sim, tmp_path):
 
 
 def test_loads_through_the_data_contract(sim, tmp_path):
-    from sams_core.data import from_anndata, make_split
+    from sams_core.data.screen import from_anndata
+    from sams_core.data.splits import make_split
 
     p = tmp_path / "sim.h5ad"
     sim.write_h5ad(p)

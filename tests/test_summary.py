@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from sams_core.data import read_h5ad
+from sams_core.data.screen import read_h5ad
 from sams_core.errors import SamsError
-from sams_core.manifest import csv_text, markdown_table, metrics_table, read_manifest
-from sams_core.summary import screen_summary
+from sams_core.io.manifest import csv_text, markdown_table, metrics_table, read_manifest
+from sams_core.data.summary import screen_summary
 
 DEMO = Path(__file__).resolve().parent.parent / "assets" / "demo"
 

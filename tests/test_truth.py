@@ -8,7 +8,7 @@ import pytest
 
 from sams_core.errors import SamsError
 from sams_core.simulate import simulate_sams_screen, truth_from_adata
-from sams_core.truth import latent_mcc, mask_scores, match_units, target_recovery
+from sams_core.evaluation.truth import latent_mcc, mask_scores, match_units, target_recovery
 
 
 @pytest.fixture(scope="module")

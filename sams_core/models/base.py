@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from sams_core.distributions import Likelihood
+from sams_core.models.distributions import Likelihood
 
 
 @dataclass

@@ -17,12 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from sams_core.distributions import (
-    kl_normal_std_normal,
-    normal_log_prob,
-    relaxed_bernoulli_st,
-    std_normal_log_prob,
-)
+from sams_core.models.distributions import kl_normal_std_normal, normal_log_prob, relaxed_bernoulli_st, std_normal_log_prob
 from sams_core.models.base import Batch, LossOutput, PerturbationModel, SplitInputMLP, mlp
 
 GUIDES: tuple[str, ...] = ("mean-field", "correlated")
@@ -239,11 +234,11 @@ class SAMSVAE(PerturbationModel):
         the mask prior prefers the basis in which each perturbation moves few units, and it is too
         weak a force for gradient descent to turn a basis learned with dense masks. This takes the
         step directly: the rotation in which the expected shift table (perturbations × units) is
-        sparsest (:func:`sams_core.rotation.sparsest_rotation`), applied with
+        sparsest (:func:`sams_core.models.rotation.sparsest_rotation`), applied with
         :meth:`rotate_units`; masks restart at ``mask_logit`` in the new basis. Returns the
         rotation.
         """
-        from sams_core.rotation import sparsest_rotation
+        from sams_core.models.rotation import sparsest_rotation
 
         table = self.latent_shift(torch.eye(self.n_perturbations, device=self.input_mean.device))
         R = sparsest_rotation(table.detach().cpu())

@@ -41,9 +41,10 @@ import scipy.sparse as sp
 from scipy import stats
 
 from sams_core.errors import SamsError
+from sams_core.settings import SETTINGS
 
 #: Folder of the shipped GMT files (outside the package, at the repository root).
-SHIPPED_DIR = Path(__file__).resolve().parent.parent / "assets" / "genesets"
+SHIPPED_DIR = SETTINGS.genesets_dir
 
 #: What :func:`read_gmt` accepts: a path, raw bytes (e.g. an upload), or an open file.
 GmtSource = Union[str, os.PathLike[str], bytes, bytearray, memoryview, IO[bytes], IO[str]]

@@ -9,7 +9,7 @@ Two simulators, both numpy-only and deterministic for a seed (``np.random.defaul
   z ~ N(m_a ⊙ μ_a, I), an injective leaky-ReLU decoder, no combinations.
 
 Both return an :class:`anndata.AnnData` that loads through the normal data contract
-(``sams_core.data``), with the answer key in ``uns["sams_truth"]``:
+(``sams_core.data.screen``), with the answer key in ``uns["sams_truth"]``:
 
 ==========================  ==============================================================
 ``X``, ``layers["counts"]``  counts, ``scipy.sparse.csr_matrix`` float32 holding integers

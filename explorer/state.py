@@ -1,7 +1,7 @@
 """State of the dashboard shared by its pages: the chosen dataset and model, cached loaders and
 computations, selections mirrored into the URL, and download buttons.
 
-Only the Streamlit pages import this module (the rest of ``sams_core`` never imports Streamlit).
+The dashboard layer: only ``app.py`` and the pages import it; ``sams_core`` never imports Streamlit.
 """
 
 from __future__ import annotations
@@ -17,13 +17,13 @@ import streamlit as st
 
 from sams_core.demo import DEMO_DIR, DEMO_MODELS, DATA_FILE
 from sams_core.errors import SamsError
+from sams_core.settings import SETTINGS
 
 if TYPE_CHECKING:  # numpy and pandas load with the first page that needs them
     import numpy as np
     import pandas as pd
 
-ROOT = Path(__file__).resolve().parent.parent
-RUNS_DIR = ROOT / "runs"
+RUNS_DIR = SETTINGS.runs_dir
 SOURCES = ("demo", "path", "upload")
 SOURCE_LABELS = {"demo": "Shipped demo", "path": "Files on disk", "upload": "Upload"}
 ss = st.session_state
@@ -99,7 +99,7 @@ def widget(fn: Callable, label: str, key: str, default: Any, options: Sequence |
 # cached loaders
 @st.cache_resource(show_spinner="Loading model…")
 def _bundle(source: str, content: bytes | None = None):
-    from sams_core.bundle import load_bundle
+    from sams_core.io.bundle import load_bundle
 
     return load_bundle(content if content is not None else source, device="cpu")
 
@@ -128,7 +128,7 @@ def _adata(source: str, content: bytes | None = None):
 @st.cache_data(show_spinner="Reading data…", max_entries=50)
 def data_summary(source: str, content: bytes | None = None):
     """Cells, genes, perturbations, combinations and controls of a screen (no model loaded)."""
-    from sams_core.summary import screen_summary, summarize_adata
+    from sams_core.data.summary import screen_summary, summarize_adata
 
     if content is None:
         return screen_summary(source)
@@ -145,7 +145,7 @@ def _aligned(model_key: str, data_key: str, _bundle_obj, _adata_obj):
 
 @st.cache_resource(show_spinner=False)
 def _plain_data(data_key: str, _adata_obj):
-    from sams_core.data import from_anndata
+    from sams_core.data.screen import from_anndata
 
     return from_anndata(_adata_obj)
 
@@ -221,7 +221,7 @@ class Selection:
 
 @st.cache_data(show_spinner=False, max_entries=50)
 def _manifest(source: str, content: bytes | None = None) -> dict[str, Any]:
-    from sams_core.manifest import read_manifest
+    from sams_core.io.manifest import read_manifest
 
     return read_manifest(content if content is not None else source)
 
@@ -298,35 +298,35 @@ def load(sel: Selection) -> Context | None:
 # cached computations (keyed by model and data keys; the objects themselves are not hashed)
 @st.cache_data(show_spinner="Predicting…", max_entries=200)
 def predict(model_key: str, _bundle_obj, combo: tuple[tuple[str, float], ...], level: float = 0.9):
-    from sams_core.interpret import predict_effect
+    from sams_core.interpret.effects import predict_effect
 
     return predict_effect(_bundle_obj, dict(combo), level=level)
 
 
 @st.cache_data(show_spinner="Computing observed effects…")
 def observed(data_key: str, _data) -> pd.DataFrame:
-    from sams_core.interpret import observed_effects
+    from sams_core.evaluation.baselines import observed_effects
 
     return observed_effects(_data)
 
 
 @st.cache_data(show_spinner="Ranking unmeasured pairs…")
 def unmeasured_pairs(model_key: str, _bundle_obj, measured: tuple[str, ...]) -> pd.DataFrame:
-    from sams_core.interpret import rank_unmeasured_pairs
+    from sams_core.interpret.effects import rank_unmeasured_pairs
 
     return rank_unmeasured_pairs(_bundle_obj, list(measured))
 
 
 @st.cache_data(show_spinner="Computing unit loadings…")
 def loadings(model_key: str, data_key: str, _bundle_obj, _data) -> pd.DataFrame:
-    from sams_core.interpret import unit_loadings
+    from sams_core.interpret.programs import unit_loadings
 
     return unit_loadings(_bundle_obj, _data)
 
 
 @st.cache_data(show_spinner="Testing gene sets…")
 def enrichment(model_key: str, data_key: str, collection_key: str, _loadings: pd.DataFrame, _collection, method: str = "rank") -> pd.DataFrame:
-    from sams_core.interpret import unit_enrichment
+    from sams_core.interpret.programs import unit_enrichment
 
     return unit_enrichment(_loadings, _collection, method=method)
 
@@ -337,7 +337,7 @@ _EMBEDDINGS: dict[tuple, Any] = {}
 def embedding(model_key: str, data_key: str, _bundle_obj, _data, latent: str, max_cells: int, _progress=None):
     """UMAP of cells' latents: memoised in this process and cached on disk by ``umap_embedding``
     (not ``st.cache_data``, because its progress callback draws on the page)."""
-    from sams_core.embed import umap_embedding
+    from sams_core.interpret.embed import umap_embedding
 
     key = (model_key, data_key, latent, int(max_cells))
     if key not in _EMBEDDINGS:
@@ -349,7 +349,7 @@ def embedding(model_key: str, data_key: str, _bundle_obj, _data, latent: str, ma
 
 @st.cache_data(show_spinner="Comparing models on the held-out conditions…")
 def comparison(data_key: str, model_keys: tuple[str, ...], _bundles: dict, _data, _split) -> pd.DataFrame:
-    from sams_core.evaluate import compare_on_heldout
+    from sams_core.evaluation.compare import compare_on_heldout
 
     return compare_on_heldout(_bundles, _data, _split, n_cells=200, n_ate_samples=500)
 

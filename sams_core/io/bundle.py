@@ -24,8 +24,9 @@ from safetensors.torch import save as st_save
 
 from sams_core import __version__
 from sams_core.errors import SamsError
-from sams_core.manifest import FORMAT, FORMAT_VERSION, MANIFEST, WEIGHTS, model_label, parse_manifest, read_parts
-from sams_core.models import FAMILIES, PerturbationModel, build_model
+from sams_core.io.manifest import FORMAT, FORMAT_VERSION, MANIFEST, WEIGHTS, model_label, parse_manifest, read_parts
+from sams_core.models.registry import FAMILIES, build_model
+from sams_core.models.base import PerturbationModel
 
 
 

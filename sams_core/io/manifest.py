@@ -4,7 +4,7 @@ metrics).
 
 This module needs neither PyTorch nor the model code, so a caller that only shows what a bundle
 holds (the dashboard's first screen, a file listing) does not pay for loading them.
-:func:`sams_core.bundle.load_bundle` builds the model on top of it.
+:func:`sams_core.io.bundle.load_bundle` builds the model on top of it.
 """
 
 from __future__ import annotations
@@ -90,7 +90,7 @@ def read_manifest(source: str | Path | bytes) -> dict[str, Any]:
     """The manifest of a bundle, without reading its weights or building its model.
 
     The weights' checksum is verified only when the model is loaded
-    (:func:`sams_core.bundle.load_bundle`).
+    (:func:`sams_core.io.bundle.load_bundle`).
     """
     raw, _, _ = read_parts(source, weights=False)
     return parse_manifest(raw)

@@ -15,13 +15,14 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from sams_core.bundle import ModelBundle
-from sams_core.data import PerturbationData
+from sams_core.data.screen import PerturbationData
+from sams_core.data.summary import DEFAULT_CACHE
 from sams_core.errors import SamsError
-from sams_core.summary import DEFAULT_CACHE
+from sams_core.io.bundle import ModelBundle
+from sams_core.settings import SETTINGS
 
 #: Layouts that ship with the demo (``python -m sams_core build-demo`` writes them).
-SHIPPED_EMBEDDINGS = Path(__file__).resolve().parent.parent / "assets" / "demo" / "embeddings"
+SHIPPED_EMBEDDINGS = SETTINGS.demo_embeddings
 
 
 @dataclass
@@ -37,7 +38,7 @@ class Embedding:
 @torch.no_grad()
 def cell_latents(bundle: ModelBundle, data: PerturbationData, cells: np.ndarray, which: str = "full") -> np.ndarray:
     """Posterior latent means (``basal`` or ``full``) of the cells at ``cells``."""
-    from sams_core.train import DeviceData, condition_ids
+    from sams_core.data.batches import DeviceData, condition_ids
 
     if which not in ("basal", "full"):
         raise SamsError(f"Latent must be 'basal' or 'full', got {which!r}.")

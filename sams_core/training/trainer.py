@@ -1,6 +1,6 @@
 """Training: the whole training split on the device, mini-batches drawn by index.
 
-:func:`train` builds a model for a :class:`~sams_core.data.PerturbationData` and a split, fits it
+:func:`train` builds a model for a :class:`~sams_core.data.screen.PerturbationData` and a split, fits it
 with Adam and returns it with its per-epoch history; :func:`fit` does the same for a model that
 already exists. The state with the best validation loss is kept. Progress is reported through a
 callback (tqdm on the command line, ``st.progress`` in the app).
@@ -11,8 +11,8 @@ Scale (DESIGN §7):
   ``DistributedDataParallel``: all ranks draw the same permutation from the shared seed, each
   mini-batch is cut into one shard per rank, every rank computes the loss of its shard and DDP
   all-reduces the gradients; validation is reduced over ranks and only rank 0 reports progress.
-  See :mod:`sams_core.distributed` and ``TrainConfig.shards``;
-- when ``X`` is a backed ``.h5ad`` matrix (:func:`sams_core.backed.read_h5ad_backed`), or with
+  See :mod:`sams_core.training.distributed` and ``TrainConfig.shards``;
+- when ``X`` is a backed ``.h5ad`` matrix (:func:`sams_core.data.backed.read_h5ad_backed`), or with
   ``TrainConfig(chunked=True)``, cells are read in chunks of rows (shuffled by chunk, then within
   a shuffle buffer of chunks) instead of being held on the device all at once.
 """
@@ -28,16 +28,24 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
 import numpy as np
-import scipy.sparse as sp
 import torch
 
-from sams_core import distributed
-from sams_core.data import TEST, TRAIN, VAL, PerturbationData
+from sams_core.data.batches import (
+    DeviceData,
+    _is_backed,
+    condition_ids,
+    default_device,
+    input_statistics,
+)
+from sams_core.data.screen import PerturbationData
+from sams_core.data.splits import TRAIN, VAL
 from sams_core.errors import SamsError
-from sams_core.models import FAMILIES, Batch, PerturbationModel, SVAEPlus, build_model
+from sams_core.models.base import PerturbationModel
+from sams_core.models.registry import FAMILIES, build_model
+from sams_core.models.svae import SVAEPlus
+from sams_core.training import distributed
 
 ProgressFn = Callable[["EpochRecord"], None]
-DENSE_LIMIT_BYTES = 4 * 1024**3
 
 
 PRECISIONS: tuple[str, ...] = ("float32", "bf16-mixed")
@@ -53,11 +61,6 @@ def autocast_context(device: torch.device, precision: str) -> contextlib.Abstrac
     if precision == "bf16-mixed":
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
-
-
-def default_device() -> torch.device:
-    """``cuda`` when a GPU is present, else the CPU."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 @dataclass
@@ -86,7 +89,7 @@ class TrainConfig:
     distributed: bool | None = None
     # Read the training/validation cells in chunks of ``chunk_size`` rows (shuffled by chunk,
     # then within ``chunks_per_buffer`` chunks) instead of holding them on the device.
-    # None: automatic, on when X is a backed .h5ad matrix (sams_core.backed).
+    # None: automatic, on when X is a backed .h5ad matrix (sams_core.data.backed).
     chunked: bool | None = None
     chunk_size: int | None = None
     chunks_per_buffer: int = 8
@@ -128,149 +131,6 @@ class TrainResult:
 
     def history_table(self) -> list[dict[str, Any]]:
         return [h.as_dict() for h in self.history]
-
-
-def _take_rows(X: Any, idx: np.ndarray) -> Any:
-    """Rows ``idx`` of a host matrix, or of a torch tensor (kept on its device, no copy for all rows)."""
-    if isinstance(X, torch.Tensor):
-        idx = np.asarray(idx)
-        if idx.size == X.shape[0] and np.array_equal(idx, np.arange(X.shape[0])):
-            return X
-        return X[torch.as_tensor(idx, device=X.device)]
-    return X[idx]
-
-
-class DeviceData:
-    """Expression, dosages, library sizes and condition ids of a set of cells, on one device.
-
-    Dense matrices are held as they are; sparse ones as CSR arrays, densified row-wise only for
-    the rows of each mini-batch. :meth:`batch` gathers rows by index without host copies.
-    ``X`` may also be a torch tensor already on the device (e.g. data generated there).
-    """
-
-    def __init__(self, data: PerturbationData, idx: np.ndarray, device: torch.device, cond: np.ndarray, dense: bool | None = None):
-        self._load(_take_rows(data.X, idx), data.dosages[idx], data.library[idx], cond[idx], device, dense)
-
-    @classmethod
-    def from_arrays(
-        cls, X: Any, dosages: np.ndarray, library: np.ndarray, cond: np.ndarray, device: torch.device, dense: bool | None = None
-    ) -> "DeviceData":
-        """Cells given as arrays (rows of ``X`` with their dosages, library sizes, condition ids)."""
-        self = cls.__new__(cls)
-        self._load(X, dosages, library, cond, device, dense)
-        return self
-
-    def _load(self, X: Any, dosages: np.ndarray, library: np.ndarray, cond: np.ndarray, device: torch.device, dense: bool | None) -> None:
-        self.device = device
-        self.n = int(X.shape[0])
-        self.n_genes = int(X.shape[1])
-        if isinstance(X, torch.Tensor):
-            self.x = X.to(device=device, dtype=torch.float32)
-        else:
-            if dense is None:
-                dense = (not sp.issparse(X)) or self.n * self.n_genes * 4 <= DENSE_LIMIT_BYTES
-            if sp.issparse(X) and not dense:
-                X = sp.csr_matrix(X)
-                self.x = None
-                self.crow = torch.as_tensor(X.indptr.astype(np.int64), device=device)
-                self.col = torch.as_tensor(X.indices.astype(np.int64), device=device)
-                self.val = torch.as_tensor(X.data.astype(np.float32), device=device)
-            else:
-                if sp.issparse(X):
-                    X = X.toarray()
-                self.x = torch.as_tensor(np.asarray(X, dtype=np.float32), device=device)
-        self.d = torch.as_tensor(np.asarray(dosages), device=device)
-        self.library = torch.as_tensor(np.asarray(library), device=device)
-        self.cond = torch.as_tensor(np.asarray(cond).astype(np.int64), device=device)
-
-    def _rows(self, idx: torch.Tensor) -> torch.Tensor:
-        if self.x is not None:
-            return self.x[idx]
-        starts = self.crow[idx]
-        lens = self.crow[idx + 1] - starts
-        total = int(lens.sum())
-        row_ids = torch.repeat_interleave(torch.arange(idx.numel(), device=self.device), lens, output_size=total)
-        first = torch.repeat_interleave(starts - (torch.cumsum(lens, 0) - lens), lens, output_size=total)
-        src = first + torch.arange(total, device=self.device)
-        out = torch.zeros(idx.numel(), self.n_genes, device=self.device)
-        out[row_ids, self.col[src]] = self.val[src]
-        return out
-
-    def batch(self, idx: torch.Tensor) -> Batch:
-        """The cells at positions ``idx`` (a tensor on the device) as a model batch."""
-        return Batch(self._rows(idx), self.d[idx], self.library[idx], self.cond[idx])
-
-    def batches(self, batch_size: int, start: int = 0, stop: int | None = None) -> list[Batch]:
-        """The cells at positions ``start``..``stop`` (default: all) in order, in batches of ``batch_size``."""
-        stop = self.n if stop is None else stop
-        ar = torch.arange(self.n, device=self.device)
-        return [self.batch(ar[i : min(i + batch_size, stop)]) for i in range(start, stop, batch_size)]
-
-    def generator(self, seed: int) -> torch.Generator:
-        """The generator of :meth:`order` (on the data's device)."""
-        gen = torch.Generator(device=self.device)
-        gen.manual_seed(seed)
-        return gen
-
-    def order(self, gen: torch.Generator) -> torch.Tensor:
-        """A random order of all positions for one epoch."""
-        return torch.randperm(self.n, device=self.device, generator=gen)
-
-
-def condition_ids(model: PerturbationModel, data: PerturbationData) -> np.ndarray:
-    """Each cell's index in the model's condition vocabulary (sVAE+), -1 for controls/unknown."""
-    if not isinstance(model, SVAEPlus):
-        return np.full(data.n_cells, -1, dtype=np.int64)
-    cd = model.cond_dosages.detach().cpu().numpy()
-    lookup = {row.tobytes(): i for i, row in enumerate(cd)}
-    return np.array([lookup.get(row.tobytes(), -1) for row in data.dosages.astype(np.float32)], dtype=np.int64)
-
-
-def input_statistics(data: PerturbationData, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per-gene mean and std of the encoder input (log1p counts, or the values) over ``idx``.
-
-    Backed matrices are read in chunks and tensors on a device are reduced there, in float64.
-    """
-    if _is_backed(data.X):
-        from sams_core.backed import chunked_input_statistics
-
-        return chunked_input_statistics(data.X, np.asarray(idx), data.is_counts)
-    if isinstance(data.X, torch.Tensor):
-        return _tensor_input_statistics(data.X, np.asarray(idx), data.is_counts)
-    X = data.X[idx]
-    if sp.issparse(X):
-        V = X.copy()
-        if data.is_counts:
-            V.data = np.log1p(V.data)
-        mean = np.asarray(V.mean(axis=0)).ravel()
-        sq = V.multiply(V)
-        var = np.asarray(sq.mean(axis=0)).ravel() - mean**2
-    else:
-        V = np.log1p(X) if data.is_counts else np.asarray(X)
-        mean = V.mean(0)
-        var = V.var(0)
-    return mean.astype(np.float32), np.sqrt(np.maximum(var, 0)).astype(np.float32)
-
-
-def _is_backed(X: Any) -> bool:
-    """Whether ``X`` is a backed on-disk matrix (read in row chunks) rather than in memory."""
-    return hasattr(X, "read_rows") and not isinstance(X, (np.ndarray, torch.Tensor)) and not sp.issparse(X)
-
-
-def _tensor_input_statistics(X: torch.Tensor, idx: np.ndarray, is_counts: bool, chunk: int = 16384) -> tuple[np.ndarray, np.ndarray]:
-    s1 = torch.zeros(X.shape[1], dtype=torch.float64, device=X.device)
-    s2 = torch.zeros_like(s1)
-    rows = torch.as_tensor(idx, device=X.device)
-    for i in range(0, rows.numel(), chunk):
-        v = X[rows[i : i + chunk]].to(torch.float64)
-        if is_counts:
-            v = torch.log1p(v)
-        s1 += v.sum(0)
-        s2 += (v * v).sum(0)
-    n = max(int(rows.numel()), 1)
-    mean = s1 / n
-    var = (s2 / n - mean * mean).clamp_min(0)
-    return mean.cpu().numpy().astype(np.float32), var.sqrt().cpu().numpy().astype(np.float32)
 
 
 def build_for_data(family: str, data: PerturbationData, split: np.ndarray, **hparams: Any) -> PerturbationModel:
@@ -396,7 +256,7 @@ def fit(
     val_idx = np.flatnonzero(split == VAL)
     chunked = _is_backed(data.X) if cfg.chunked is None else bool(cfg.chunked)
     if chunked:
-        from sams_core.backed import ChunkedSource
+        from sams_core.data.batches import ChunkedSource
 
         def source(idx: np.ndarray) -> Any:
             return ChunkedSource(data.X, idx, data.dosages, data.library, cond, device, cfg.chunk_size, cfg.chunks_per_buffer)
@@ -571,60 +431,3 @@ def tqdm_progress(total_epochs: int, desc: str = "training") -> tuple[ProgressFn
         bar.set_postfix(post)
 
     return update, bar.close
-
-
-__all__ = [
-    "TrainConfig", "TrainResult", "EpochRecord", "DeviceData", "fit", "train", "build_for_data",
-    "default_device", "condition_ids", "input_statistics", "tqdm_progress", "fit_new_conditions", "TEST",
-]
-
-
-def fit_new_conditions(
-    model: SVAEPlus,
-    data: PerturbationData,
-    cells: np.ndarray,
-    config: TrainConfig | None = None,
-) -> tuple[SVAEPlus, TrainResult]:
-    """sVAE+'s out-of-domain protocol: learn only the shift and mask of unseen conditions.
-
-    The conditions of ``cells`` that the model does not know are added to its vocabulary; the
-    encoder, decoder and the known conditions stay frozen while the new conditions' shifts and
-    mask probabilities are fitted on ``cells``. Returns the extended model and its history.
-    """
-    if not isinstance(model, SVAEPlus):
-        raise SamsError("Only sVAE+ fits new conditions this way; SAMS-VAE composes them from their members.")
-    cells = np.asarray(cells)
-    known = {row.tobytes() for row in model.cond_dosages.detach().cpu().numpy().astype(np.float32)}
-    labels = data.labels[cells].astype(str)
-    new = sorted({lab for lab in labels if lab != "control" and data.dosage_row(lab).astype(np.float32).tobytes() not in known})
-    if not new:
-        raise SamsError("These cells hold no condition the model does not already know.")
-    A = model.n_conditions
-    hp = dict(model.hparams)
-    hp["n_conditions"] = A + len(new)
-    bigger = build_model(SVAEPlus.family, **hp)
-    bigger.aligned = True  # the basis is the trained model's: it stays fixed with the networks
-    state = model.state_dict()
-    with torch.no_grad():
-        for name, p in bigger.state_dict().items():
-            old = state[name]
-            if p.shape == old.shape:
-                p.copy_(old)
-            else:
-                p[:A].copy_(old)
-        rows = torch.as_tensor(np.stack([data.dosage_row(c) for c in new]))
-        bigger.cond_dosages[A:].copy_(rows)
-        bigger.cond_counts[A:].copy_(torch.as_tensor([(labels == c).sum() for c in new], dtype=torch.float32))
-    for name, p in bigger.named_parameters():
-        p.requires_grad_(name in ("shift", "pi_logits"))
-    keep_old = torch.zeros(A + len(new), 1)
-    keep_old[A:] = 1.0
-    bigger.shift.register_hook(lambda g: g * keep_old.to(g.device))
-    bigger.pi_logits.register_hook(lambda g: g * keep_old.to(g.device))
-    split = np.full(data.n_cells, TEST, dtype=object)
-    split[cells] = TRAIN
-    cfg = config or TrainConfig(epochs=50, lr=1e-2, global_lr_scale=1.0)
-    result = fit(bigger, data, split, cfg)
-    for p in bigger.parameters():
-        p.requires_grad_(True)
-    return bigger, result

@@ -1,11 +1,11 @@
 """Screens larger than memory: train from a backed ``.h5ad``, reading rows in chunks (DESIGN §7).
 
 :func:`read_h5ad_backed` reads everything but the expression matrix (obs, var, perturbation
-labels) like :func:`sams_core.data.read_h5ad` and leaves the matrix on disk as a
+labels) like :func:`sams_core.data.screen.read_h5ad` and leaves the matrix on disk as a
 :class:`BackedMatrix`: anndata's backed sparse dataset (CSR, read by row ranges) or an HDF5 dense
 dataset. Library sizes and the data-contract checks (numeric, finite, integer counts, no empty
 cells) come from one streaming pass over the file. The result is a
-:class:`BackedPerturbationData`, accepted by :func:`sams_core.train.train` / ``fit`` and the rest of
+:class:`BackedPerturbationData`, accepted by :func:`sams_core.training.trainer.train` / ``fit`` and the rest of
 the API (evaluation reads the cells it needs):
 
     data = read_h5ad_backed("screen.h5ad", chunk_size=4096)
@@ -24,21 +24,19 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-from collections import OrderedDict
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import numpy as np
 import scipy.sparse as sp
-import torch
 
-from sams_core.data import PerturbationData, from_anndata
+from sams_core.data.screen import PerturbationData, from_anndata
 from sams_core.errors import SamsError
-from sams_core.models.base import Batch
-from sams_core.train import DeviceData, _take_rows
 
 DEFAULT_CHUNK_SIZE = 4096
+
+
 INT32_MAX = np.iinfo(np.int32).max
 
 
@@ -325,7 +323,7 @@ def read_h5ad_backed(
 ) -> BackedPerturbationData:
     """Open an ``.h5ad`` screen without reading its expression matrix into memory.
 
-    Same options and data contract as :func:`sams_core.data.read_h5ad` (counts from
+    Same options and data contract as :func:`sams_core.data.screen.read_h5ad` (counts from
     ``layers[counts_layer or 'counts']`` or an integer ``X``, else log-normalised ``X``); the
     matrix must be CSR or dense. ``n_top_genes`` needs the whole matrix and is refused.
     ``chunk_size`` is the number of rows per read.
@@ -403,134 +401,3 @@ def read_h5ad_backed(
         X=X, is_counts=is_counts, library=library, dosages=base.dosages, labels=base.labels,
         perturbations=base.perturbations, genes=base.genes, obs=base.obs, settings=settings,
     )
-
-
-def chunked_input_statistics(X: BackedMatrix, idx: np.ndarray, is_counts: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Per-gene mean and std of the encoder input over rows ``idx``, read in chunks (float64)."""
-    g = X.shape[1]
-    s1 = np.zeros(g)
-    s2 = np.zeros(g)
-    for _, b in X.iter_blocks(idx):
-        if sp.issparse(b):
-            v = b.astype(np.float64)
-            if is_counts:
-                v.data = np.log1p(v.data)
-            s1 += np.asarray(v.sum(axis=0)).ravel()
-            s2 += np.asarray(v.multiply(v).sum(axis=0)).ravel()
-        else:
-            v = np.asarray(b, dtype=np.float64)
-            if is_counts:
-                v = np.log1p(v)
-            s1 += v.sum(0)
-            s2 += (v * v).sum(0)
-    n = max(int(np.asarray(idx).size), 1)
-    mean = s1 / n
-    var = np.maximum(s2 / n - mean**2, 0)
-    return mean.astype(np.float32), np.sqrt(var).astype(np.float32)
-
-
-# ---- what fit() reads from ---------------------------------------------------------------------
-class ChunkedSource:
-    """Cells of a matrix served to :func:`sams_core.train.fit` chunk by chunk.
-
-    The interface of :class:`~sams_core.train.DeviceData` (``n``, ``device``, ``batch``,
-    ``batches``, ``generator``, ``order``) over rows ``idx`` of ``X`` (a :class:`BackedMatrix`, or
-    an in-memory matrix too large for the device). Positions ``0..n-1`` index ``idx``; chunk c is
-    positions ``c·chunk_size`` .. ``(c+1)·chunk_size``, read with one sequential read when ``idx``
-    is sorted, densified and kept on the device while its shuffle buffer is in use. Dosages,
-    library sizes and condition ids (one row per cell, small) are held on the device.
-    """
-
-    def __init__(
-        self,
-        X: Any,
-        idx: np.ndarray,
-        dosages: np.ndarray,
-        library: np.ndarray,
-        cond: np.ndarray,
-        device: torch.device,
-        chunk_size: int | None = None,
-        chunks_per_buffer: int = 8,
-        dense: bool | None = None,
-    ):
-        self.X = X
-        self.rows = np.asarray(idx, dtype=np.int64)
-        self.n = int(self.rows.size)
-        self.n_genes = int(X.shape[1])
-        self.device = torch.device(device)
-        self.chunk_size = int(chunk_size or getattr(X, "chunk_size", DEFAULT_CHUNK_SIZE))
-        if self.chunk_size < 1 or chunks_per_buffer < 1:
-            raise SamsError("chunk_size and chunks_per_buffer must be at least 1.")
-        self.chunks_per_buffer = int(chunks_per_buffer)
-        self.n_chunks = max(1, math.ceil(self.n / self.chunk_size))
-        self.dense = dense
-        self.d = torch.as_tensor(np.asarray(dosages)[self.rows], device=self.device)
-        self.library = torch.as_tensor(np.asarray(library)[self.rows], device=self.device)
-        self.cond = torch.as_tensor(np.asarray(cond)[self.rows].astype(np.int64), device=self.device)
-        self._cache: OrderedDict[int, DeviceData] = OrderedDict()
-        self._capacity = 2 * self.chunks_per_buffer + 1
-        self.chunk_reads = 0  # chunks read from X so far (diagnostics, tests)
-
-    def _chunk(self, c: int) -> DeviceData:
-        dd = self._cache.get(c)
-        if dd is not None:
-            self._cache.move_to_end(c)
-            return dd
-        lo, hi = c * self.chunk_size, min(self.n, (c + 1) * self.chunk_size)
-        rows = self.rows[lo:hi]
-        block = self.X.take(rows) if isinstance(self.X, BackedMatrix) else _take_rows(self.X, rows)
-        empty = np.zeros(0, np.float32)
-        dd = DeviceData.from_arrays(block, empty, empty, empty, self.device, self.dense)
-        self.chunk_reads += 1
-        self._cache[c] = dd
-        while len(self._cache) > self._capacity:
-            self._cache.popitem(last=False)
-        return dd
-
-    def _rows(self, pos: np.ndarray) -> torch.Tensor:
-        chunk_of = pos // self.chunk_size
-        first = int(chunk_of[0]) if pos.size else 0
-        if pos.size == 0 or np.all(chunk_of == first):
-            local = torch.as_tensor(pos - first * self.chunk_size, device=self.device)
-            return self._chunk(first)._rows(local)
-        out = torch.empty(pos.size, self.n_genes, device=self.device)
-        for c in np.unique(chunk_of):
-            sel = np.flatnonzero(chunk_of == c)
-            local = torch.as_tensor(pos[sel] - int(c) * self.chunk_size, device=self.device)
-            out[torch.as_tensor(sel, device=self.device)] = self._chunk(int(c))._rows(local)
-        return out
-
-    def batch(self, idx: torch.Tensor) -> Batch:
-        """The cells at positions ``idx`` (a CPU tensor, as :meth:`order` gives) as a model batch."""
-        pos = idx.detach().cpu().numpy().astype(np.int64)
-        on_dev = torch.as_tensor(pos, device=self.device)
-        return Batch(self._rows(pos), self.d[on_dev], self.library[on_dev], self.cond[on_dev])
-
-    def batches(self, batch_size: int, start: int = 0, stop: int | None = None) -> Iterator[Batch]:
-        """Cells at positions ``start``..``stop`` (default all) in order, in batches (each chunk read once)."""
-        stop = self.n if stop is None else stop
-        for i in range(start, stop, batch_size):
-            yield self.batch(torch.arange(i, min(i + batch_size, stop)))
-
-    def generator(self, seed: int) -> torch.Generator:
-        gen = torch.Generator()
-        gen.manual_seed(seed)
-        return gen
-
-    def order(self, gen: torch.Generator) -> torch.Tensor:
-        """One epoch's order: chunks shuffled, cells shuffled within each buffer of chunks."""
-        chunks = torch.randperm(self.n_chunks, generator=gen).tolist()
-        parts = []
-        for b in range(0, len(chunks), self.chunks_per_buffer):
-            pos = torch.cat([
-                torch.arange(c * self.chunk_size, min(self.n, (c + 1) * self.chunk_size))
-                for c in chunks[b : b + self.chunks_per_buffer]
-            ])
-            parts.append(pos[torch.randperm(pos.numel(), generator=gen)])
-        return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int64)
-
-
-__all__ = [
-    "BackedMatrix", "BackedPerturbationData", "ChunkedSource", "read_h5ad_backed", "chunked_input_statistics",
-    "DEFAULT_CHUNK_SIZE",
-]

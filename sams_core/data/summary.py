@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from sams_core.errors import SamsError
+from sams_core.settings import SETTINGS
 
 #: Where derived results (screen summaries, UMAP layouts) are cached; ``SAMS_CACHE_DIR`` overrides.
-DEFAULT_CACHE = Path(os.environ.get("SAMS_CACHE_DIR", Path.home() / ".cache" / "sams_explorer"))
+DEFAULT_CACHE = SETTINGS.cache_dir
 
 
 @dataclass(frozen=True)
@@ -33,7 +33,7 @@ class ScreenSummary:
 
 
 def summarize(data, simulated: bool = False) -> ScreenSummary:
-    """The summary of a loaded :class:`~sams_core.data.PerturbationData`."""
+    """The summary of a loaded :class:`~sams_core.data.screen.PerturbationData`."""
     return ScreenSummary(
         cells=int(data.n_cells), genes=int(data.n_genes), perturbations=int(data.n_perturbations),
         combinations=len(data.combinations()), control_cells=int(data.control_mask.sum()), simulated=bool(simulated),
@@ -42,7 +42,7 @@ def summarize(data, simulated: bool = False) -> ScreenSummary:
 
 def summarize_adata(adata) -> ScreenSummary:
     """The summary of an AnnData screen read with the data contract's defaults."""
-    from sams_core.data import from_anndata
+    from sams_core.data.screen import from_anndata
 
     return summarize(from_anndata(adata), "sams_truth" in adata.uns)
 

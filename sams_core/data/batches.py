@@ -1,0 +1,293 @@
+"""Cells on the compute device: mini-batches drawn by index, chunked sources, input statistics.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from typing import Any, Iterator
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+from sams_core.data.backed import DEFAULT_CHUNK_SIZE, BackedMatrix
+from sams_core.data.screen import PerturbationData
+from sams_core.errors import SamsError
+from sams_core.models.base import Batch, PerturbationModel
+from sams_core.models.svae import SVAEPlus
+
+DENSE_LIMIT_BYTES = 4 * 1024**3
+
+
+def default_device() -> torch.device:
+    """``cuda`` when a GPU is present, else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _take_rows(X: Any, idx: np.ndarray) -> Any:
+    """Rows ``idx`` of a host matrix, or of a torch tensor (kept on its device, no copy for all rows)."""
+    if isinstance(X, torch.Tensor):
+        idx = np.asarray(idx)
+        if idx.size == X.shape[0] and np.array_equal(idx, np.arange(X.shape[0])):
+            return X
+        return X[torch.as_tensor(idx, device=X.device)]
+    return X[idx]
+
+
+class DeviceData:
+    """Expression, dosages, library sizes and condition ids of a set of cells, on one device.
+
+    Dense matrices are held as they are; sparse ones as CSR arrays, densified row-wise only for
+    the rows of each mini-batch. :meth:`batch` gathers rows by index without host copies.
+    ``X`` may also be a torch tensor already on the device (e.g. data generated there).
+    """
+
+    def __init__(self, data: PerturbationData, idx: np.ndarray, device: torch.device, cond: np.ndarray, dense: bool | None = None):
+        self._load(_take_rows(data.X, idx), data.dosages[idx], data.library[idx], cond[idx], device, dense)
+
+    @classmethod
+    def from_arrays(
+        cls, X: Any, dosages: np.ndarray, library: np.ndarray, cond: np.ndarray, device: torch.device, dense: bool | None = None
+    ) -> "DeviceData":
+        """Cells given as arrays (rows of ``X`` with their dosages, library sizes, condition ids)."""
+        self = cls.__new__(cls)
+        self._load(X, dosages, library, cond, device, dense)
+        return self
+
+    def _load(self, X: Any, dosages: np.ndarray, library: np.ndarray, cond: np.ndarray, device: torch.device, dense: bool | None) -> None:
+        self.device = device
+        self.n = int(X.shape[0])
+        self.n_genes = int(X.shape[1])
+        if isinstance(X, torch.Tensor):
+            self.x = X.to(device=device, dtype=torch.float32)
+        else:
+            if dense is None:
+                dense = (not sp.issparse(X)) or self.n * self.n_genes * 4 <= DENSE_LIMIT_BYTES
+            if sp.issparse(X) and not dense:
+                X = sp.csr_matrix(X)
+                self.x = None
+                self.crow = torch.as_tensor(X.indptr.astype(np.int64), device=device)
+                self.col = torch.as_tensor(X.indices.astype(np.int64), device=device)
+                self.val = torch.as_tensor(X.data.astype(np.float32), device=device)
+            else:
+                if sp.issparse(X):
+                    X = X.toarray()
+                self.x = torch.as_tensor(np.asarray(X, dtype=np.float32), device=device)
+        self.d = torch.as_tensor(np.asarray(dosages), device=device)
+        self.library = torch.as_tensor(np.asarray(library), device=device)
+        self.cond = torch.as_tensor(np.asarray(cond).astype(np.int64), device=device)
+
+    def _rows(self, idx: torch.Tensor) -> torch.Tensor:
+        if self.x is not None:
+            return self.x[idx]
+        starts = self.crow[idx]
+        lens = self.crow[idx + 1] - starts
+        total = int(lens.sum())
+        row_ids = torch.repeat_interleave(torch.arange(idx.numel(), device=self.device), lens, output_size=total)
+        first = torch.repeat_interleave(starts - (torch.cumsum(lens, 0) - lens), lens, output_size=total)
+        src = first + torch.arange(total, device=self.device)
+        out = torch.zeros(idx.numel(), self.n_genes, device=self.device)
+        out[row_ids, self.col[src]] = self.val[src]
+        return out
+
+    def batch(self, idx: torch.Tensor) -> Batch:
+        """The cells at positions ``idx`` (a tensor on the device) as a model batch."""
+        return Batch(self._rows(idx), self.d[idx], self.library[idx], self.cond[idx])
+
+    def batches(self, batch_size: int, start: int = 0, stop: int | None = None) -> list[Batch]:
+        """The cells at positions ``start``..``stop`` (default: all) in order, in batches of ``batch_size``."""
+        stop = self.n if stop is None else stop
+        ar = torch.arange(self.n, device=self.device)
+        return [self.batch(ar[i : min(i + batch_size, stop)]) for i in range(start, stop, batch_size)]
+
+    def generator(self, seed: int) -> torch.Generator:
+        """The generator of :meth:`order` (on the data's device)."""
+        gen = torch.Generator(device=self.device)
+        gen.manual_seed(seed)
+        return gen
+
+    def order(self, gen: torch.Generator) -> torch.Tensor:
+        """A random order of all positions for one epoch."""
+        return torch.randperm(self.n, device=self.device, generator=gen)
+
+
+def condition_ids(model: PerturbationModel, data: PerturbationData) -> np.ndarray:
+    """Each cell's index in the model's condition vocabulary (sVAE+), -1 for controls/unknown."""
+    if not isinstance(model, SVAEPlus):
+        return np.full(data.n_cells, -1, dtype=np.int64)
+    cd = model.cond_dosages.detach().cpu().numpy()
+    lookup = {row.tobytes(): i for i, row in enumerate(cd)}
+    return np.array([lookup.get(row.tobytes(), -1) for row in data.dosages.astype(np.float32)], dtype=np.int64)
+
+
+def input_statistics(data: PerturbationData, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-gene mean and std of the encoder input (log1p counts, or the values) over ``idx``.
+
+    Backed matrices are read in chunks and tensors on a device are reduced there, in float64.
+    """
+    if _is_backed(data.X):
+        from sams_core.data.batches import chunked_input_statistics
+
+        return chunked_input_statistics(data.X, np.asarray(idx), data.is_counts)
+    if isinstance(data.X, torch.Tensor):
+        return _tensor_input_statistics(data.X, np.asarray(idx), data.is_counts)
+    X = data.X[idx]
+    if sp.issparse(X):
+        V = X.copy()
+        if data.is_counts:
+            V.data = np.log1p(V.data)
+        mean = np.asarray(V.mean(axis=0)).ravel()
+        sq = V.multiply(V)
+        var = np.asarray(sq.mean(axis=0)).ravel() - mean**2
+    else:
+        V = np.log1p(X) if data.is_counts else np.asarray(X)
+        mean = V.mean(0)
+        var = V.var(0)
+    return mean.astype(np.float32), np.sqrt(np.maximum(var, 0)).astype(np.float32)
+
+
+def _is_backed(X: Any) -> bool:
+    """Whether ``X`` is a backed on-disk matrix (read in row chunks) rather than in memory."""
+    return hasattr(X, "read_rows") and not isinstance(X, (np.ndarray, torch.Tensor)) and not sp.issparse(X)
+
+
+def _tensor_input_statistics(X: torch.Tensor, idx: np.ndarray, is_counts: bool, chunk: int = 16384) -> tuple[np.ndarray, np.ndarray]:
+    s1 = torch.zeros(X.shape[1], dtype=torch.float64, device=X.device)
+    s2 = torch.zeros_like(s1)
+    rows = torch.as_tensor(idx, device=X.device)
+    for i in range(0, rows.numel(), chunk):
+        v = X[rows[i : i + chunk]].to(torch.float64)
+        if is_counts:
+            v = torch.log1p(v)
+        s1 += v.sum(0)
+        s2 += (v * v).sum(0)
+    n = max(int(rows.numel()), 1)
+    mean = s1 / n
+    var = (s2 / n - mean * mean).clamp_min(0)
+    return mean.cpu().numpy().astype(np.float32), var.sqrt().cpu().numpy().astype(np.float32)
+
+
+def chunked_input_statistics(X: BackedMatrix, idx: np.ndarray, is_counts: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Per-gene mean and std of the encoder input over rows ``idx``, read in chunks (float64)."""
+    g = X.shape[1]
+    s1 = np.zeros(g)
+    s2 = np.zeros(g)
+    for _, b in X.iter_blocks(idx):
+        if sp.issparse(b):
+            v = b.astype(np.float64)
+            if is_counts:
+                v.data = np.log1p(v.data)
+            s1 += np.asarray(v.sum(axis=0)).ravel()
+            s2 += np.asarray(v.multiply(v).sum(axis=0)).ravel()
+        else:
+            v = np.asarray(b, dtype=np.float64)
+            if is_counts:
+                v = np.log1p(v)
+            s1 += v.sum(0)
+            s2 += (v * v).sum(0)
+    n = max(int(np.asarray(idx).size), 1)
+    mean = s1 / n
+    var = np.maximum(s2 / n - mean**2, 0)
+    return mean.astype(np.float32), np.sqrt(var).astype(np.float32)
+
+
+# ---- what fit() reads from ---------------------------------------------------------------------
+class ChunkedSource:
+    """Cells of a matrix served to :func:`sams_core.training.trainer.fit` chunk by chunk.
+
+    The interface of :class:`~sams_core.data.batches.DeviceData` (``n``, ``device``, ``batch``,
+    ``batches``, ``generator``, ``order``) over rows ``idx`` of ``X`` (a :class:`BackedMatrix`, or
+    an in-memory matrix too large for the device). Positions ``0..n-1`` index ``idx``; chunk c is
+    positions ``c·chunk_size`` .. ``(c+1)·chunk_size``, read with one sequential read when ``idx``
+    is sorted, densified and kept on the device while its shuffle buffer is in use. Dosages,
+    library sizes and condition ids (one row per cell, small) are held on the device.
+    """
+
+    def __init__(
+        self,
+        X: Any,
+        idx: np.ndarray,
+        dosages: np.ndarray,
+        library: np.ndarray,
+        cond: np.ndarray,
+        device: torch.device,
+        chunk_size: int | None = None,
+        chunks_per_buffer: int = 8,
+        dense: bool | None = None,
+    ):
+        self.X = X
+        self.rows = np.asarray(idx, dtype=np.int64)
+        self.n = int(self.rows.size)
+        self.n_genes = int(X.shape[1])
+        self.device = torch.device(device)
+        self.chunk_size = int(chunk_size or getattr(X, "chunk_size", DEFAULT_CHUNK_SIZE))
+        if self.chunk_size < 1 or chunks_per_buffer < 1:
+            raise SamsError("chunk_size and chunks_per_buffer must be at least 1.")
+        self.chunks_per_buffer = int(chunks_per_buffer)
+        self.n_chunks = max(1, math.ceil(self.n / self.chunk_size))
+        self.dense = dense
+        self.d = torch.as_tensor(np.asarray(dosages)[self.rows], device=self.device)
+        self.library = torch.as_tensor(np.asarray(library)[self.rows], device=self.device)
+        self.cond = torch.as_tensor(np.asarray(cond)[self.rows].astype(np.int64), device=self.device)
+        self._cache: OrderedDict[int, DeviceData] = OrderedDict()
+        self._capacity = 2 * self.chunks_per_buffer + 1
+        self.chunk_reads = 0  # chunks read from X so far (diagnostics, tests)
+
+    def _chunk(self, c: int) -> DeviceData:
+        dd = self._cache.get(c)
+        if dd is not None:
+            self._cache.move_to_end(c)
+            return dd
+        lo, hi = c * self.chunk_size, min(self.n, (c + 1) * self.chunk_size)
+        rows = self.rows[lo:hi]
+        block = self.X.take(rows) if isinstance(self.X, BackedMatrix) else _take_rows(self.X, rows)
+        empty = np.zeros(0, np.float32)
+        dd = DeviceData.from_arrays(block, empty, empty, empty, self.device, self.dense)
+        self.chunk_reads += 1
+        self._cache[c] = dd
+        while len(self._cache) > self._capacity:
+            self._cache.popitem(last=False)
+        return dd
+
+    def _rows(self, pos: np.ndarray) -> torch.Tensor:
+        chunk_of = pos // self.chunk_size
+        first = int(chunk_of[0]) if pos.size else 0
+        if pos.size == 0 or np.all(chunk_of == first):
+            local = torch.as_tensor(pos - first * self.chunk_size, device=self.device)
+            return self._chunk(first)._rows(local)
+        out = torch.empty(pos.size, self.n_genes, device=self.device)
+        for c in np.unique(chunk_of):
+            sel = np.flatnonzero(chunk_of == c)
+            local = torch.as_tensor(pos[sel] - int(c) * self.chunk_size, device=self.device)
+            out[torch.as_tensor(sel, device=self.device)] = self._chunk(int(c))._rows(local)
+        return out
+
+    def batch(self, idx: torch.Tensor) -> Batch:
+        """The cells at positions ``idx`` (a CPU tensor, as :meth:`order` gives) as a model batch."""
+        pos = idx.detach().cpu().numpy().astype(np.int64)
+        on_dev = torch.as_tensor(pos, device=self.device)
+        return Batch(self._rows(pos), self.d[on_dev], self.library[on_dev], self.cond[on_dev])
+
+    def batches(self, batch_size: int, start: int = 0, stop: int | None = None) -> Iterator[Batch]:
+        """Cells at positions ``start``..``stop`` (default all) in order, in batches (each chunk read once)."""
+        stop = self.n if stop is None else stop
+        for i in range(start, stop, batch_size):
+            yield self.batch(torch.arange(i, min(i + batch_size, stop)))
+
+    def generator(self, seed: int) -> torch.Generator:
+        gen = torch.Generator()
+        gen.manual_seed(seed)
+        return gen
+
+    def order(self, gen: torch.Generator) -> torch.Tensor:
+        """One epoch's order: chunks shuffled, cells shuffled within each buffer of chunks."""
+        chunks = torch.randperm(self.n_chunks, generator=gen).tolist()
+        parts = []
+        for b in range(0, len(chunks), self.chunks_per_buffer):
+            pos = torch.cat([
+                torch.arange(c * self.chunk_size, min(self.n, (c + 1) * self.chunk_size))
+                for c in chunks[b : b + self.chunks_per_buffer]
+            ])
+            parts.append(pos[torch.randperm(pos.numel(), generator=gen)])
+        return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int64)

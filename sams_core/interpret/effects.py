@@ -1,0 +1,188 @@
+"""Predicted effects of any combination, their interaction, and data-only baselines.
+
+Effects are log2 fold changes against control on the ATE scale of DESIGN §3, from posterior
+samples of the globals (mean and credible interval). Baselines need no model: no change, the
+additive-in-data sum of observed single effects, and the observed effect where measured.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from sams_core.data.screen import dosage_rows, split_label
+from sams_core.errors import SamsError
+from sams_core.evaluation.metrics import model_ate_draws
+from sams_core.io.bundle import ModelBundle
+
+Combination = str | Mapping[str, float] | Sequence[str]
+
+
+def _as_dict(combo: Combination) -> dict[str, float]:
+    if isinstance(combo, str):
+        return {m: 1.0 for m in split_label(combo)}
+    if isinstance(combo, Mapping):
+        return {str(k): float(v) for k, v in combo.items() if float(v) != 0.0}
+    return {str(m): 1.0 for m in combo}
+
+
+def combination_label(combo: Combination) -> str:
+    """A readable label: "A+B", with dosages other than 1 as "A:0.5"."""
+    d = _as_dict(combo)
+    if not d:
+        return "control"
+    return "+".join(k if v == 1.0 else f"{k}:{v:g}" for k, v in d.items())
+
+
+@dataclass
+class EffectPrediction:
+    """Predicted per-gene effect of one combination, its singles and their interaction."""
+
+    label: str
+    genes: list[str]
+    mean: np.ndarray  # [G] posterior mean log2 fold change
+    lower: np.ndarray  # [G] credible interval
+    upper: np.ndarray
+    latent_shift: np.ndarray  # [K] expected latent shift
+    singles: dict[str, np.ndarray]  # member → its own predicted effect (at its dosage)
+    interaction: np.ndarray | None  # [G] combination minus the sum of its singles (None for one member)
+    level: float
+
+    @property
+    def interaction_score(self) -> float:
+        """Size of the interaction relative to the combination's effect (0 = purely additive)."""
+        if self.interaction is None:
+            return 0.0
+        denom = float(np.linalg.norm(self.mean))
+        return float(np.linalg.norm(self.interaction) / denom) if denom > 0 else 0.0
+
+    def table(self) -> pd.DataFrame:
+        """One row per gene: effect, interval, interaction, and each single's effect."""
+        t = pd.DataFrame({"gene": self.genes, "effect": self.mean, "lower": self.lower, "upper": self.upper})
+        if self.interaction is not None:
+            t["interaction"] = self.interaction
+        for name, eff in self.singles.items():
+            t[f"single_{name}"] = eff
+        return t
+
+
+def predict_effect(
+    bundle: ModelBundle,
+    combo: Combination,
+    n_globals: int = 100,
+    n_per_global: int = 10,
+    level: float = 0.9,
+    seed: int = 0,
+    sample_counts: bool = False,
+) -> EffectPrediction:
+    """Predicted effect of ``combo`` (a label "A+B", a member list, or {name: dosage}).
+
+    The combination and each of its members are predicted with the same draws of the globals,
+    so the interaction (combination minus the sum of its singles) carries no Monte-Carlo
+    difference between them. ``sample_counts`` draws counts from the likelihood before the
+    ATE transform (slower; the default transforms the expected expression).
+    """
+    if not 0 < level < 1:
+        raise SamsError(f"Credible level must be between 0 and 1, got {level}.")
+    members = _as_dict(combo)
+    if not members:
+        raise SamsError("Pick at least one perturbation: the control has no effect to predict.")
+    rows = [members] + ([{m: v} for m, v in members.items()] if len(members) > 1 else [])
+    d = dosage_rows(rows, bundle.perturbations)
+    draws = model_ate_draws(bundle.model, d, bundle.is_counts, n_globals, n_per_global, seed, sample_counts)
+    q = (1 - level) / 2
+    main = draws[:, 0]
+    singles = {m: draws[:, i + 1].mean(0) for i, m in enumerate(members)} if len(members) > 1 else {next(iter(members)): main.mean(0)}
+    interaction = None
+    if len(members) > 1:
+        interaction = (main - draws[:, 1:].sum(1)).mean(0)
+    with torch.no_grad():
+        dev = bundle.model.input_mean.device
+        shift = bundle.model.latent_shift(torch.as_tensor(d[:1], device=dev))[0].cpu().numpy()
+    return EffectPrediction(
+        label=combination_label(members),
+        genes=bundle.genes,
+        mean=main.mean(0),
+        lower=np.quantile(main, q, axis=0),
+        upper=np.quantile(main, 1 - q, axis=0),
+        latent_shift=shift,
+        singles=singles,
+        interaction=interaction,
+        level=level,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# which combination to measure next
+def rank_unmeasured_pairs(
+    bundle: ModelBundle,
+    measured: Sequence[str],
+    n_globals: int = 50,
+    n_per_global: int = 4,
+    seed: int = 0,
+    chunk: int = 64,
+) -> pd.DataFrame:
+    """Unmeasured pairs of measured singles ranked by predicted interaction and uncertainty.
+
+    ``measured`` lists the condition labels with cells. For every pair of measured singles that
+    is not itself measured: the interaction score (norm of combination minus the sum of its
+    singles, relative to the combination's norm), the mean width of the 90 % interval of the
+    combination's effect (uncertainty), and their ranks (1 = strongest / most uncertain).
+    """
+    meas = set(map(str, measured))
+    singles = [p for p in bundle.perturbations if p in meas]
+    pairs = [(a, b) for i, a in enumerate(singles) for b in singles[i + 1 :]]
+    pairs = [(a, b) for a, b in pairs if "+".join(sorted((a, b))) not in meas and f"{a}+{b}" not in meas and f"{b}+{a}" not in meas]
+    cols = ["pair", "interaction_score", "uncertainty", "effect_norm", "rank_interaction", "rank_uncertainty"]
+    if not pairs:
+        return pd.DataFrame(columns=cols)
+    single_rows = dosage_rows(singles, bundle.perturbations)
+    sdraw = model_ate_draws(bundle.model, single_rows, bundle.is_counts, n_globals, n_per_global, seed)  # [S, n_singles, G]
+    pos = {s: i for i, s in enumerate(singles)}
+    out = []
+    for start in range(0, len(pairs), chunk):
+        part = pairs[start : start + chunk]
+        d = dosage_rows([[a, b] for a, b in part], bundle.perturbations)
+        draws = model_ate_draws(bundle.model, d, bundle.is_counts, n_globals, n_per_global, seed)
+        for r, (a, b) in enumerate(part):
+            eff = draws[:, r]
+            inter = (eff - sdraw[:, pos[a]] - sdraw[:, pos[b]]).mean(0)
+            mean = eff.mean(0)
+            norm = float(np.linalg.norm(mean))
+            width = float((np.quantile(eff, 0.95, axis=0) - np.quantile(eff, 0.05, axis=0)).mean())
+            out.append({"pair": f"{a}+{b}", "interaction_score": float(np.linalg.norm(inter)) / norm if norm > 0 else 0.0, "uncertainty": width, "effect_norm": norm})
+    t = pd.DataFrame(out)
+    t["rank_interaction"] = t["interaction_score"].rank(ascending=False, method="min").astype(int)
+    t["rank_uncertainty"] = t["uncertainty"].rank(ascending=False, method="min").astype(int)
+    return t.sort_values(["rank_interaction", "rank_uncertainty"]).reset_index(drop=True)[cols]
+
+
+# ---------------------------------------------------------------------------------------------
+# perturbation similarity and heatmap orders
+def perturbation_distances(bundle: ModelBundle, by: str = "mask") -> pd.DataFrame:
+    """Distances between the model's mask rows: Jaccard-like on mask probabilities (``mask``) or
+    Euclidean between expected latent shifts (``shift``)."""
+    from scipy.spatial.distance import pdist, squareform
+
+    names = bundle.mask_rows
+    model = bundle.model
+    with torch.no_grad():
+        if by == "mask":
+            p = model.mask_probs()
+            if p is None:
+                raise SamsError(f"{bundle.label} has no masks; compare perturbations by='shift' instead.")
+            x = p.cpu().numpy()
+            dist = squareform(pdist(x, lambda u, v: 1 - np.minimum(u, v).sum() / max(np.maximum(u, v).sum(), 1e-12)))
+        elif by == "shift":
+            if model.composes:
+                x = model.latent_shift(torch.eye(len(bundle.perturbations), device=model.input_mean.device)).cpu().numpy()
+            else:
+                x = (model.mask_probs() * model.shift).cpu().numpy()
+            dist = squareform(pdist(x))
+        else:
+            raise SamsError(f"Unknown distance {by!r}: use 'mask' or 'shift'.")
+    return pd.DataFrame(dist, index=names, columns=names)
