@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import streamlit as st
-import torch
 
 from explorer import state as S
 from sams_core import plots
@@ -17,18 +16,15 @@ ctx = S.sidebar()
 if ctx is None:
     st.stop()
 bundle = ctx.bundle
-model = bundle.model
-with torch.no_grad():
-    p = model.mask_probs()
-    probs = None if p is None else p.cpu().numpy()
-    emb = model.embedding_means().cpu().numpy() if hasattr(model, "embedding_means") else None
+probs = bundle.mask_probabilities()
+emb = bundle.embedding_means()
 if probs is None:
     st.warning(f"{bundle.label} has no masks (only SAMS-VAE and sVAE+ learn which units a perturbation targets). "
                "Choose a SAMS-VAE or sVAE+ model in the sidebar.")
     if emb is None:
         st.stop()
 rows = bundle.mask_rows
-units = [f"unit {k}" for k in range(model.n_latent)]
+units = [f"unit {k}" for k in range(bundle.n_latent)]
 
 c1, c2, c3 = st.columns([1, 1, 2])
 threshold = S.widget(c1.slider, "Mask threshold", "masks_threshold", 0.5, min_value=0.0, max_value=1.0, step=0.05)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import streamlit as st
-import torch
 
 from explorer import state as S
 from sams_core import plots
@@ -50,8 +49,7 @@ elif mode == "unit value":
     color, cont, clabel = z[:, unit], True, f"unit {unit}"
 elif mode == "targeted by":
     pert = S.widget(st.selectbox, "Perturbation", "latent_pert", bundle.perturbations[0], bundle.perturbations)
-    with torch.no_grad():
-        p = bundle.model.mask_probs()
+    p = bundle.mask_probabilities()
     targets = []
     if p is not None and pert in bundle.mask_rows:
         targets = [k for k in range(K) if float(p[bundle.mask_rows.index(pert), k]) >= 0.5]

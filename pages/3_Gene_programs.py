@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pandas as pd
 import streamlit as st
-import torch
 
 from explorer import state as S
 from sams_core import plots
@@ -55,14 +54,14 @@ with left:
     S.chart(fig, f"unit{unit}_top_genes", "gp_top")
     S.show_table(tg, f"unit{unit}_top_genes", "gp_top_table", height=250)
 with right:
-    with torch.no_grad():
-        p = bundle.model.mask_probs()
+    p = bundle.mask_probabilities()
     st.markdown(f"**Perturbations that target unit {unit}**")
     if p is not None:
-        col = p[:, int(unit)].cpu().numpy()
+        col = p[:, int(unit)]
         t = pd.DataFrame({"perturbation": bundle.mask_rows, "mask probability": col}).sort_values("mask probability", ascending=False)
-        if hasattr(bundle.model, "embedding_means"):
-            t["embedding"] = bundle.model.embedding_means().detach().cpu().numpy()[[bundle.mask_rows.index(r) for r in t["perturbation"]], int(unit)]
+        emb = bundle.embedding_means()
+        if emb is not None:
+            t["embedding"] = emb[[bundle.mask_rows.index(r) for r in t["perturbation"]], int(unit)]
         t = t[t["mask probability"] >= 0.5]
         if t.empty:
             st.caption("No perturbation targets this unit with probability ≥ 0.5.")

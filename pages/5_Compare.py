@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import streamlit as st
-import torch
 
 from explorer import state as S
 from sams_core import plots
@@ -48,10 +47,9 @@ if truth is not None:
         b = bundles.get(n)
         val = np.nan
         if b is not None and b.mask_rows == b.perturbations:
-            with torch.no_grad():
-                p = b.model.mask_probs()
+            p = b.mask_probabilities()
             if p is not None:
-                val = mask_scores(truth_masks_for(truth, b.perturbations), p.cpu().numpy())["f1"]
+                val = mask_scores(truth_masks_for(truth, b.perturbations), p)["f1"]
         f1.append(val)
     table["mask_f1"] = f1
 

@@ -2,6 +2,8 @@
 
 For people who train on a cluster and only browse in the app. Every subcommand explains its
 options with ``--help``; bad input ends with the message of the problem and exit code 2.
+Each subcommand imports what it needs when it runs, so ``--help`` and ``simulate`` start without
+loading PyTorch.
 """
 
 from __future__ import annotations

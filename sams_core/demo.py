@@ -3,6 +3,8 @@
 ``build_demo()`` (also ``python -m sams_core build-demo``) rebuilds ``assets/demo/``
 deterministically: ``screen.h5ad`` plus one ``<name>.sams`` bundle per model family, all
 trained on the same held-out-combinations split (the simulator's suggested held-out pairs).
+The catalogue (``DEMO_DIR``, ``DEMO_MODELS``) loads without PyTorch for the dashboard; the
+builders import the training stack when they run.
 """
 
 from __future__ import annotations

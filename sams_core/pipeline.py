@@ -14,11 +14,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from sams_core.io.bundle import ModelBundle, load_bundle, make_manifest, save_bundle
-from sams_core.data.screen import PerturbationData, read_h5ad
+from sams_core.data.screen import PerturbationData, from_anndata, read_h5ad
 from sams_core.data.splits import make_split
 from sams_core.errors import SamsError
 from sams_core.evaluation.metrics import Evaluation, evaluate_model
+from sams_core.io.bundle import ModelBundle, load_bundle, make_manifest, save_bundle
 from sams_core.models.svae import SVAEPlus
 from sams_core.training.trainer import ProgressFn, TrainConfig, TrainResult, train
 
@@ -109,7 +109,6 @@ def data_for_bundle(bundle: ModelBundle, source: str | Path | Any) -> Perturbati
 
     Raises :class:`SamsError` when genes or perturbations of the bundle are missing from it.
     """
-    from sams_core.data.screen import from_anndata
 
     s = bundle.manifest.get("data", {})
     kwargs = {

@@ -36,7 +36,6 @@ def _layout(fig: go.Figure, title: str | None = None, height: int | None = None)
 def _orders(values: np.ndarray, cluster: bool) -> tuple[np.ndarray, np.ndarray]:
     if not cluster or values.shape[0] == 0 or values.shape[1] == 0:
         return np.arange(values.shape[0]), np.arange(values.shape[1])
-    from sams_core.plots import heatmap_orders
 
     return heatmap_orders(values)
 

@@ -127,7 +127,6 @@ def input_statistics(data: PerturbationData, idx: np.ndarray) -> tuple[np.ndarra
     Backed matrices are read in chunks and tensors on a device are reduced there, in float64.
     """
     if _is_backed(data.X):
-        from sams_core.data.batches import chunked_input_statistics
 
         return chunked_input_statistics(data.X, np.asarray(idx), data.is_counts)
     if isinstance(data.X, torch.Tensor):

@@ -13,6 +13,7 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from sams_core.data.screen import from_anndata
 from sams_core.errors import SamsError
 from sams_core.settings import SETTINGS
 
@@ -42,7 +43,6 @@ def summarize(data, simulated: bool = False) -> ScreenSummary:
 
 def summarize_adata(adata) -> ScreenSummary:
     """The summary of an AnnData screen read with the data contract's defaults."""
-    from sams_core.data.screen import from_anndata
 
     return summarize(from_anndata(adata), "sams_truth" in adata.uns)
 

@@ -9,14 +9,13 @@ import numpy as np
 import pandas as pd
 
 from sams_core.data.screen import PerturbationData, split_label
-from sams_core.evaluation.metrics import cosine_matrix
+from sams_core.evaluation.metrics import cosine_matrix, data_ate
 
 
 # ---------------------------------------------------------------------------------------------
 # baselines from data alone
 def observed_effects(data: PerturbationData, cells: np.ndarray | None = None) -> pd.DataFrame:
     """Observed effect (data ATE) of every measured condition; rows = condition labels."""
-    from sams_core.evaluation.metrics import data_ate
 
     return data_ate(data, cells)
 

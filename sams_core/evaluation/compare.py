@@ -10,6 +10,7 @@ import torch
 from sams_core.data.screen import PerturbationData
 from sams_core.data.splits import TEST
 from sams_core.errors import SamsError
+from sams_core.evaluation.baselines import additive_baseline, diversity_check
 from sams_core.evaluation.metrics import (
     LIBRARY_SCALE,
     ate_transform,
@@ -67,8 +68,6 @@ def compare_on_heldout(
     held-out IWELBO for the models, and the collapse flag of the diversity check.
     """
     from sklearn.decomposition import PCA
-
-    from sams_core.evaluation.baselines import additive_baseline, diversity_check
 
     test = np.flatnonzero(split == "test")
     conds = split_conditions(data, split, TEST)

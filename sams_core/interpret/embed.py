@@ -15,6 +15,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from sams_core.data.batches import DeviceData, condition_ids
 from sams_core.data.screen import PerturbationData
 from sams_core.data.summary import DEFAULT_CACHE
 from sams_core.errors import SamsError
@@ -38,7 +39,6 @@ class Embedding:
 @torch.no_grad()
 def cell_latents(bundle: ModelBundle, data: PerturbationData, cells: np.ndarray, which: str = "full") -> np.ndarray:
     """Posterior latent means (``basal`` or ``full``) of the cells at ``cells``."""
-    from sams_core.data.batches import DeviceData, condition_ids
 
     if which not in ("basal", "full"):
         raise SamsError(f"Latent must be 'basal' or 'full', got {which!r}.")

@@ -9,10 +9,17 @@ import numpy as np
 import pandas as pd
 import torch
 
+from sams_core.data.batches import DeviceData, condition_ids
 from sams_core.data.screen import PerturbationData
 from sams_core.errors import SamsError
 from sams_core.interpret.effects import EffectPrediction
+from sams_core.interpret.genesets import (
+    GeneSetCollection,
+    hypergeometric_enrichment,
+    rank_enrichment,
+)
 from sams_core.io.bundle import ModelBundle
+from sams_core.simulate import truth_from_adata
 
 
 # ---------------------------------------------------------------------------------------------
@@ -22,7 +29,6 @@ def unit_loadings(bundle: ModelBundle, data: PerturbationData, n_cells: int = 20
     """Gene loadings of each latent unit [K × G]: the change of the decoder's expected log2
     expression when the unit moves up by one standard deviation around cells' latents,
     averaged over (up to ``n_cells``) cells of ``data``."""
-    from sams_core.data.batches import DeviceData, condition_ids
 
     model = bundle.model
     rng = np.random.default_rng(seed)
@@ -78,7 +84,6 @@ def unit_enrichment(
     ``hypergeometric``: over-representation among the unit's ``n_top`` genes by |loading|.
     Columns: unit, set, description, statistic, p, q (BH within each unit), overlap, ...
     """
-    from sams_core.interpret.genesets import hypergeometric_enrichment, rank_enrichment
 
     if method not in ("rank", "hypergeometric"):
         raise SamsError(f"Unknown enrichment method {method!r}: use 'rank' or 'hypergeometric'.")
@@ -99,7 +104,6 @@ def effect_enrichment(prediction: EffectPrediction, collection, min_size: int = 
     """Rank-sum enrichment of a predicted effect over genes (which programs it moves): of the
     signed log2 fold changes (programs pushed up or down), or of their size with ``absolute``
     (programs moved in either direction, also when their genes go different ways)."""
-    from sams_core.interpret.genesets import rank_enrichment
 
     scores = pd.Series(prediction.mean, index=prediction.genes)
     return rank_enrichment(scores.abs() if absolute else scores, collection, min_size=min_size)
@@ -107,8 +111,6 @@ def effect_enrichment(prediction: EffectPrediction, collection, min_size: int = 
 
 def program_collection(adata):
     """The simulator's true gene programs as a gene-set collection (simulated data only)."""
-    from sams_core.interpret.genesets import GeneSetCollection
-    from sams_core.simulate import truth_from_adata
 
     truth = truth_from_adata(adata)
     if not truth.program_sets:

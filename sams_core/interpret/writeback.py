@@ -7,6 +7,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from sams_core.data.batches import DeviceData, condition_ids
 from sams_core.data.screen import PerturbationData
 from sams_core.errors import SamsError
 from sams_core.io.bundle import ModelBundle
@@ -22,7 +23,6 @@ def write_back(adata, bundle: ModelBundle, data: PerturbationData, loadings: pd.
     holds the mask probabilities, embedding means, the model's perturbation names and family,
     and (if given) the unit loadings. Returns ``adata``.
     """
-    from sams_core.data.batches import DeviceData, condition_ids
 
     if adata.n_obs != data.n_cells:
         raise SamsError(f"The AnnData has {adata.n_obs} cells but the data {data.n_cells}. Write back into the same screen.")

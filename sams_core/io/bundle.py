@@ -24,10 +24,17 @@ from safetensors.torch import save as st_save
 
 from sams_core import __version__
 from sams_core.errors import SamsError
-from sams_core.io.manifest import FORMAT, FORMAT_VERSION, MANIFEST, WEIGHTS, model_label, parse_manifest, read_parts
-from sams_core.models.registry import FAMILIES, build_model
+from sams_core.io.manifest import (
+    FORMAT,
+    FORMAT_VERSION,
+    MANIFEST,
+    WEIGHTS,
+    model_label,
+    parse_manifest,
+    read_parts,
+)
 from sams_core.models.base import PerturbationModel
-
+from sams_core.models.registry import FAMILIES, build_model
 
 
 @dataclass
@@ -63,6 +70,24 @@ class ModelBundle:
     @property
     def is_counts(self) -> bool:
         return bool(self.manifest["data"].get("is_counts", True))
+
+    @property
+    def n_latent(self) -> int:
+        """Number of latent units."""
+        return int(self.model.n_latent)
+
+    def mask_probabilities(self) -> np.ndarray | None:
+        """P(m = 1) per row of :attr:`mask_rows` and latent unit; None for families without masks."""
+        with torch.no_grad():
+            p = self.model.mask_probs()
+        return None if p is None else p.detach().cpu().numpy()
+
+    def embedding_means(self) -> np.ndarray | None:
+        """Posterior mean shift of each perturbation (rows of :attr:`perturbations`); None without embeddings."""
+        if not hasattr(self.model, "embedding_means"):
+            return None
+        with torch.no_grad():
+            return self.model.embedding_means().detach().cpu().numpy()
 
     @property
     def split_spec(self) -> dict[str, Any]:

@@ -7,8 +7,8 @@ from typing import Any
 
 import torch
 
-from sams_core.models.distributions import kl_normal_std_normal, std_normal_log_prob
 from sams_core.models.base import Batch, LossOutput, PerturbationModel, SplitInputMLP
+from sams_core.models.distributions import kl_normal_std_normal, std_normal_log_prob
 
 
 class ConditionalVAE(PerturbationModel):

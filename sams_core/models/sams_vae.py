@@ -17,8 +17,20 @@ from typing import Any
 import torch
 from torch import nn
 
-from sams_core.models.distributions import kl_normal_std_normal, normal_log_prob, relaxed_bernoulli_st, std_normal_log_prob
-from sams_core.models.base import Batch, LossOutput, PerturbationModel, SplitInputMLP, mlp
+from sams_core.models.base import (
+    Batch,
+    LossOutput,
+    PerturbationModel,
+    SplitInputMLP,
+    mlp,
+)
+from sams_core.models.distributions import (
+    kl_normal_std_normal,
+    normal_log_prob,
+    relaxed_bernoulli_st,
+    std_normal_log_prob,
+)
+from sams_core.models.rotation import sparsest_rotation
 
 GUIDES: tuple[str, ...] = ("mean-field", "correlated")
 
@@ -238,7 +250,6 @@ class SAMSVAE(PerturbationModel):
         :meth:`rotate_units`; masks restart at ``mask_logit`` in the new basis. Returns the
         rotation.
         """
-        from sams_core.models.rotation import sparsest_rotation
 
         table = self.latent_shift(torch.eye(self.n_perturbations, device=self.input_mean.device))
         R = sparsest_rotation(table.detach().cpu())

@@ -17,9 +17,14 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from sams_core.models.distributions import kl_normal_std_normal, relaxed_bernoulli_st, std_normal_log_prob
 from sams_core.errors import SamsError
 from sams_core.models.base import Batch, LossOutput, PerturbationModel, mlp
+from sams_core.models.distributions import (
+    kl_normal_std_normal,
+    relaxed_bernoulli_st,
+    std_normal_log_prob,
+)
+from sams_core.models.rotation import sparsest_rotation
 
 
 class SVAEPlus(PerturbationModel):
@@ -133,7 +138,6 @@ class SVAEPlus(PerturbationModel):
         sparsest in L1: the prior N(m ⊙ μ, I) and the networks describe the same cells in any
         rotated basis, only the sparsity prior tells them apart. Masks restart at
         ``mask_logit``. Returns the rotation."""
-        from sams_core.models.rotation import sparsest_rotation
 
         K = self.n_latent
         table = torch.sigmoid(self.pi_logits) * self.shift

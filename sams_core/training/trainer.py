@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from sams_core.data.batches import (
+    ChunkedSource,
     DeviceData,
     _is_backed,
     condition_ids,
@@ -256,7 +257,6 @@ def fit(
     val_idx = np.flatnonzero(split == VAL)
     chunked = _is_backed(data.X) if cfg.chunked is None else bool(cfg.chunked)
     if chunked:
-        from sams_core.data.batches import ChunkedSource
 
         def source(idx: np.ndarray) -> Any:
             return ChunkedSource(data.X, idx, data.dosages, data.library, cond, device, cfg.chunk_size, cfg.chunks_per_buffer)
