@@ -15,6 +15,7 @@ PKG = ROOT / "sams_core"
 # Wings on the same floor never import each other.
 FLOORS: list[set[str]] = [
     {"errors", "settings"},
+    {"labels"},
     {"models", "simulate", "plots"},
     {"io"},
     {"data"},
