@@ -10,14 +10,20 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
+from sams_core.data.screen import from_anndata
+from sams_core.data.splits import make_split
 from sams_core.errors import SamsError
 from sams_core.simulate import (
     PERTURBATION_SYMBOLS,
     combination_shift,
     perturbation_names,
+    sample_condition,
+    sample_expression,
     simulate_main,
+    simulate_reference_screen,
     simulate_sams_screen,
     simulate_svae_screen,
+    true_mean,
     true_proportions,
     truth_from_adata,
     truth_masks_for,
@@ -25,6 +31,7 @@ from sams_core.simulate import (
 
 SMALL = dict(n_perturbations=8, n_latent=4, n_genes=60, n_combinations=6, cells_per_perturbation=40)
 SVAE_SMALL = dict(n_perturbations=6, n_latent=4, n_genes=40, cells_per_perturbation=30)
+REF_SMALL = dict(n_perturbations=12, n_latent=6, n_genes=30, n_combinations=8, cells_per_perturbation=40)
 
 
 @pytest.fixture(scope="module")
@@ -180,25 +187,22 @@ def test_counts_look_like_scrna(default_sim):
 
 
 def test_round_trip_preserves_truth(sim, tmp_path):
-    for a in (sim, simulate_svae_screen(**SVAE_SMALL, seed=0)):
+    for a in (sim, simulate_svae_screen(**SVAE_SMALL, seed=0), simulate_reference_screen(**REF_SMALL, seed=0)):
         p = tmp_path / "sim.h5ad"
         a.write_h5ad(p)
         back = ad.read_h5ad(p)
         t1, t2 = truth_from_adata(a), truth_from_adata(back)
-        for f in ("perturbations", "masks", "embeddings", "combinations", "heldout_combinations", "inverse_dispersion"):
+        for f in ("perturbations", "masks", "embeddings", "combinations", "heldout_combinations", "inverse_dispersion", "noise_sd"):
             np.testing.assert_array_equal(getattr(t1, f), getattr(t2, f), err_msg=f)
         assert (t1.kind, t1.seed, t1.params, t1.program_sets, t1.unit_of_program) == (
             t2.kind, t2.seed, t2.params, t2.program_sets, t2.unit_of_program)
-        np.testing.assert_allclose(true_proportions(t1, a.obsm["X_true_latent"][:50]),
-                                   true_proportions(t2, back.obsm["X_true_latent"][:50]))
-        assert (back.X != a.X).nnz == 0 and list(back.obs["perturbation"]) == list(a.obs["perturbation"])
+        np.testing.assert_allclose(true_mean(t1, a.obsm["X_true_latent"][:50]),
+                                   true_mean(t2, back.obsm["X_true_latent"][:50]))
+        assert (sp.csr_matrix(back.X) != sp.csr_matrix(a.X)).nnz == 0 and list(back.obs["perturbation"]) == list(a.obs["perturbation"])
         np.testing.assert_array_equal(back.var["program"].to_numpy(), a.var["program"].to_numpy())
 
 
 def test_loads_through_the_data_contract(sim, tmp_path):
-    from sams_core.data.screen import from_anndata
-    from sams_core.data.splits import make_split
-
     p = tmp_path / "sim.h5ad"
     sim.write_h5ad(p)
     data = from_anndata(ad.read_h5ad(p))
@@ -264,11 +268,140 @@ def test_simulate_cli(tmp_path, capsys):
     assert truth_from_adata(ad.read_h5ad(out2)).kind == "svae"
     assert simulate_main(["--perturbations", "3", "--combinations", "9", "--out", str(out)]) == 2
     assert "distinct pairs" in capsys.readouterr().err
+    out3 = tmp_path / "r.h5ad"
+    assert simulate_main(["--kind", "reference", "--perturbations", "6", "--latent", "4", "--genes", "12", "--combinations", "2",
+                          "--cells", "10", "--mask-probability", "0.5", "--seed", "2", "--out", str(out3)]) == 0
+    assert "Gaussian values" in capsys.readouterr().out
+    back = ad.read_h5ad(out3)
+    tr = truth_from_adata(back)
+    assert tr.kind == "reference" and back.n_obs == 10 * (6 + 2 + 1) and tr.params["mask_probability"] == 0.5
+    assert simulate_main(["--kind", "reference", "--dispersion", "3", "--out", str(out3)]) == 2
+    assert "--dispersion do not apply to --kind reference" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:
         simulate_main(["--help"])
     assert e.value.code == 0
     text = capsys.readouterr().out
     for opt in ("--kind", "--perturbations", "--latent", "--genes", "--combinations", "--cells", "--controls",
                 "--min-targets", "--max-targets", "--effect-mean", "--effect-sd", "--library", "--dispersion",
-                "--heldout-fraction", "--seed", "--out"):
+                "--heldout-fraction", "--seed", "--out", "--mask-probability", "--noise-fraction", "reference"):
         assert opt in text
+
+
+# --------------------------------------------------------------------------- the reference kind
+
+
+@pytest.fixture(scope="module")
+def ref_sim():
+    return simulate_reference_screen(**REF_SMALL, seed=1)
+
+
+def test_reference_layout_and_data_contract(ref_sim):
+    a = ref_sim
+    T, K, G, C, n = (REF_SMALL[k] for k in ("n_perturbations", "n_latent", "n_genes", "n_combinations", "cells_per_perturbation"))
+    assert a.shape == (n * (1 + T + C), G)
+    assert isinstance(a.X, np.ndarray) and a.X.dtype == np.float32 and not np.all(a.X == np.round(a.X))
+    assert "counts" not in a.layers and "library_size" not in a.obs
+    assert (a.var["program"] == -1).all() and a.var_names[0] == "RF_G000"
+    for key in ("X_true_basal", "X_true_latent"):
+        assert a.obsm[key].shape == (a.n_obs, K) and a.obsm[key].dtype == np.float32
+    tr = truth_from_adata(a)
+    assert tr.kind == "reference" and not tr.is_counts and tr.inverse_dispersion is None
+    assert tr.masks.shape == (T, K) and tr.masks.dtype == np.int8 and tr.noise_sd.shape == (G,)
+    assert list(tr.perturbations) == sorted(tr.perturbations) and len(tr.combinations) == C
+    assert set(a.obs["perturbation"].astype(str)) == {"control", *tr.perturbations, *tr.combinations}
+    assert len(tr.heldout_combinations) == 2 and set(tr.heldout_combinations) <= set(tr.combinations)
+    data = from_anndata(a)  # real values: the data contract picks the Gaussian likelihood
+    assert not data.is_counts and data.likelihood == "gaussian"
+    assert list(data.perturbations) == list(tr.perturbations) and sorted(data.combinations()) == sorted(tr.combinations)
+    split = make_split(data, "heldout-combos", heldout=list(tr.heldout_combinations))
+    assert set(data.labels[split == "test"]) == set(tr.heldout_combinations)
+
+
+def test_reference_is_reproducible_per_seed(ref_sim):
+    again = simulate_reference_screen(**REF_SMALL, seed=1)
+    np.testing.assert_array_equal(again.X, ref_sim.X)
+    np.testing.assert_array_equal(again.obsm["X_true_latent"], ref_sim.obsm["X_true_latent"])
+    assert list(again.obs["batch"]) == list(ref_sim.obs["batch"])
+    t1, t2 = truth_from_adata(again), truth_from_adata(ref_sim)
+    for f in ("masks", "embeddings", "combinations", "heldout_combinations", "noise_sd"):
+        np.testing.assert_array_equal(getattr(t1, f), getattr(t2, f))
+    other = simulate_reference_screen(**REF_SMALL, seed=2)
+    assert not np.array_equal(other.X, ref_sim.X)
+    assert not np.array_equal(truth_from_adata(other).embeddings, t1.embeddings)
+
+
+def test_reference_masks_and_effects_as_published():
+    tr = truth_from_adata(simulate_reference_screen(n_combinations=0, cells_per_perturbation=2, seed=5))
+    assert tr.masks.shape == (100, 15) and tr.params["mask_probability"] == pytest.approx(2 / 15)
+    # Bernoulli(2/15) over 1,500 entries: mean within 4 sd (0.0088) of 2/15, two targets per perturbation on average
+    assert abs(tr.masks.mean() - 2 / 15) < 0.035
+    assert 1.5 < tr.masks.sum(1).mean() < 2.5 and (tr.masks.sum(1) == 0).any(), "a perturbation may have no target"
+    on = tr.embeddings[tr.masks == 1]
+    assert abs(np.abs(on).mean() - 5) < 0.15 and abs(np.abs(on).std() - 0.5) < 0.15
+    assert (on > 0).any() and (on < 0).any() and np.all(tr.embeddings[tr.masks == 0] == 0)
+    # a sparser or denser prior is an argument
+    dense = truth_from_adata(simulate_reference_screen(n_combinations=0, cells_per_perturbation=2, mask_probability=0.5, seed=5))
+    assert abs(dense.masks.mean() - 0.5) < 0.06
+
+
+def test_reference_pairs_shift_is_the_sum_of_members(ref_sim):
+    tr = truth_from_adata(ref_sim)
+    shift = ref_sim.obsm["X_true_latent"] - ref_sim.obsm["X_true_basal"]
+    labels = ref_sim.obs["perturbation"].astype(str).to_numpy()
+    for c in tr.combinations:
+        a, b = c.split("+")
+        want = tr.embeddings[list(tr.perturbations).index(a)] + tr.embeddings[list(tr.perturbations).index(b)]
+        np.testing.assert_allclose(combination_shift(tr, c), want)
+        np.testing.assert_allclose(shift[labels == c], np.broadcast_to(want, shift[labels == c].shape), atol=1e-5)
+    np.testing.assert_allclose(shift[labels == "control"], 0.0, atol=1e-6)
+
+
+def test_reference_decoder_and_noise():
+    a = simulate_reference_screen(n_perturbations=20, n_latent=6, n_genes=30, n_combinations=5, cells_per_perturbation=150, seed=3)
+    tr = truth_from_adata(a)
+    dec = tr.decoder
+    assert dec["kind"] == "dense" and dec["n_layers"] == 5 and dec["leak"] == pytest.approx(0.2)
+    assert not any(k.startswith("b") for k in dec), "bias-free"
+    shapes = [dec[f"W{i}"].shape for i in range(1, 6)]
+    assert shapes == [(50, 6), (50, 50), (50, 50), (50, 50), (30, 50)]
+    for W in (dec[f"W{i}"].astype(np.float64) for i in range(1, 6)):
+        small = min(W.shape)
+        gram = W.T @ W if W.shape[0] >= W.shape[1] else W @ W.T
+        np.testing.assert_allclose(gram, np.eye(small), atol=1e-5)  # orthogonal rows or columns
+    mean = true_mean(tr, a.obsm["X_true_latent"])
+    np.testing.assert_allclose(mean.std(0), 1.0, rtol=1e-4)  # each gene's mean scaled to unit sd
+    resid = a.X - mean
+    np.testing.assert_allclose(resid.std(0), tr.noise_sd, rtol=0.1)
+    share = resid.var(0) / a.X.var(0)
+    assert abs(np.median(share) - 0.2) < 0.03, "noise is 20 % of each gene's variance"
+    with pytest.raises(SamsError, match="true_mean"):
+        true_proportions(tr, a.obsm["X_true_latent"][:3])
+    x, z = sample_condition(tr, tr.combinations[0], 500, seed=0)
+    assert x.shape == (500, 30) and z.shape == (500, 6)
+    np.testing.assert_allclose(z.mean(0), combination_shift(tr, tr.combinations[0]), atol=0.2)
+
+
+def test_oracle_sampler_follows_the_count_model(default_sim):
+    tr = truth_from_adata(default_sim)
+    z = default_sim.obsm["X_true_latent"][:2000]
+    lib = default_sim.obs["library_size"].to_numpy()[:2000]
+    x = sample_expression(tr, z, lib, seed=0)
+    assert np.all(x == np.round(x)) and x.shape == (2000, 200)
+    np.testing.assert_allclose(np.log1p(x.sum(0)), np.log1p(np.asarray(default_sim.X[:2000].sum(0)).ravel()), atol=0.35)
+    with pytest.raises(SamsError, match="library"):
+        sample_expression(tr, z[:3])
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(n_perturbations=4, n_combinations=7), "only 6 distinct pairs"),
+        (dict(mask_probability=1.5), "mask_probability"),
+        (dict(noise_fraction=1.0), "noise_fraction"),
+        (dict(hidden_width=0), "hidden_width"),
+    ],
+)
+def test_reference_bad_parameters_raise(kwargs, match):
+    base = dict(n_perturbations=6, n_latent=4, n_genes=10, n_combinations=3, cells_per_perturbation=5)
+    with pytest.raises(SamsError, match=match):
+        simulate_reference_screen(**{**base, **kwargs})
