@@ -120,7 +120,8 @@ def data_for_bundle(bundle: ModelBundle, source: str | Path | Any) -> Perturbati
 
 
 def align_to_bundle(data: PerturbationData, bundle: ModelBundle) -> PerturbationData:
-    """The screen restricted to the bundle's genes and re-indexed to its perturbation order."""
+    """The screen restricted to the bundle's genes and re-indexed to its perturbation order
+    (count data take library sizes over the bundle's genes, as in training)."""
     genes = bundle.genes
     pos = {g: i for i, g in enumerate(data.genes)}
     missing = [g for g in genes if g not in pos]
@@ -136,23 +137,7 @@ def align_to_bundle(data: PerturbationData, bundle: ModelBundle) -> Perturbation
             f"The data has perturbations the model never saw: {', '.join(unknown[:5])}. "
             "Load the data the model was trained on, or train a model on this data."
         )
-    cols = np.array([pos[g] for g in genes])
-    pidx = {p: i for i, p in enumerate(perts)}
-    d = np.zeros((data.n_cells, len(perts)), dtype=np.float32)
-    for j, p in enumerate(data.perturbations):
-        d[:, pidx[p]] = data.dosages[:, j]
-    X = data.X[:, cols] if len(cols) != data.n_genes or np.any(cols != np.arange(data.n_genes)) else data.X
-    return PerturbationData(
-        X=X,
-        is_counts=data.is_counts,
-        library=data.library,
-        dosages=d,
-        labels=data.labels,
-        perturbations=list(perts),
-        genes=list(genes),
-        obs=data.obs,
-        settings=data.settings,
-    )
+    return data.subset(genes=genes).with_perturbations(perts)
 
 
 def split_for_bundle(bundle: ModelBundle, data: PerturbationData) -> np.ndarray:

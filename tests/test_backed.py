@@ -10,7 +10,7 @@ import torch
 from sams_core.data.backed import BackedMatrix, BackedPerturbationData, read_h5ad_backed
 from sams_core.data.batches import ChunkedSource
 from sams_core.data.splits import TRAIN, make_split
-from sams_core.data.screen import read_h5ad
+from sams_core.data.screen import PerturbationData, read_h5ad
 from sams_core.errors import SamsError
 from sams_core.simulate import simulate_sams_screen
 from sams_core.training.trainer import TrainConfig, train
@@ -138,3 +138,54 @@ def test_refuses_column_wise_matrix(tmp_path, sim_path):
     a.write_h5ad(p)
     with pytest.raises(SamsError, match="CSC"):
         read_h5ad_backed(p)
+
+
+def _malformed_files(tmp_path):
+    import anndata as ad
+    import pandas as pd
+
+    def write(name, x, labels=("control", "A", "B", "A+B"), var_names=None, layers=None):
+        a = ad.AnnData(x)
+        a.obs["perturbation"] = list(labels)
+        if var_names is not None:
+            a.var_names = var_names
+        for k, v in (layers or {}).items():
+            a.layers[k] = v
+        p = tmp_path / f"{name}.h5ad"
+        a.write_h5ad(p)
+        return p
+
+    ones = np.ones((4, 3), dtype=np.float32)
+    return {
+        "No control cells": write("nocontrol", ones, labels=("A", "A", "B", "A+B")),
+        "NaN": write("nan", np.array([[1, np.nan, 1]] * 4, dtype=np.float32)),
+        "negative counts": write("negative", sp.csr_matrix(-ones)),
+        "zero total counts": write("empty", np.array([[1, 1, 1], [0, 0, 0], [1, 1, 1], [1, 1, 1]], dtype=np.float32)),
+        "Duplicated gene names": write("dup", ones, var_names=pd.Index(["g", "g", "h"])),
+        "only control cells": write("onlyctrl", ones, labels=("control",) * 4),
+        "non-integer values": write("layer", ones, layers={"counts": ones * 0.5}),
+    }
+
+
+@pytest.mark.filterwarnings("ignore:Variable names are not unique")
+def test_backed_and_memory_readers_refuse_the_same_files_with_the_same_message(tmp_path):
+    for expected, path in _malformed_files(tmp_path).items():
+        messages = []
+        for reader in (read_h5ad, read_h5ad_backed):
+            with pytest.raises(SamsError, match=expected) as err:
+                reader(path)
+            messages.append(str(err.value))
+        assert messages[0] == messages[1], expected
+
+
+def test_backed_subsets(sim_path, backed):
+    mem = read_h5ad(sim_path)
+    genes = mem.genes[5:12]
+    g = backed.subset(genes=genes)
+    assert isinstance(g, BackedPerturbationData) and isinstance(g.X, BackedMatrix) and g.genes == genes
+    np.testing.assert_allclose(g.library, mem.subset(genes=genes).library)
+    rows = np.array([9, 2, 40])
+    c = backed.subset(cells=rows)
+    assert type(c) is PerturbationData and not c.settings["backed"] and backed.settings["backed"]
+    assert abs(c.X - mem.X[rows]).max() == 0 and list(c.labels) == list(mem.labels[rows])
+    assert type(backed.to_memory()) is PerturbationData and backed.to_memory().checksum() == mem.checksum()

@@ -132,3 +132,35 @@ def test_splits(screen):
     assert (r == "test").mean() == pytest.approx(0.1, abs=0.01)
     with pytest.raises(SamsError, match="Unknown split"):
         make_split(data, "whatever")
+
+
+def test_subset_of_cells_and_genes(screen):
+    data = from_anndata(screen[0])
+    cells = np.flatnonzero(data.labels == "GATA1+KLF1")[:5]
+    sub = data.subset(cells=cells)
+    assert sub.n_cells == 5 and sub.genes == data.genes and set(sub.labels) == {"GATA1+KLF1"}
+    np.testing.assert_array_equal(sub.library, data.library[cells])
+    assert list(sub.obs.index) == list(data.obs.index[cells])
+    mask = data.control_mask
+    assert data.subset(cells=mask).n_cells == int(mask.sum())
+    genes = ["G003", "G001"]
+    g = data.subset(genes=genes)
+    assert g.genes == genes and g.n_cells == data.n_cells
+    np.testing.assert_array_equal(g.dense(), data.dense()[:, [3, 1]])
+    np.testing.assert_allclose(g.library, np.maximum(data.dense()[:, [3, 1]].sum(1), 1))
+    assert data.subset(genes=data.genes).library is data.library, "all genes: library sizes unchanged"
+    g.settings["x"] = 1
+    assert "x" not in data.settings, "a derived screen's settings are its own"
+    with pytest.raises(SamsError, match="not in the data"):
+        data.subset(genes=["NOPE"])
+
+
+def test_with_perturbations_reindexes_dosages(screen):
+    data = from_anndata(screen[0])
+    order = [*reversed(data.perturbations), "EXTRA"]
+    r = data.with_perturbations(order)
+    assert r.perturbations == order and r.dosages.shape == (data.n_cells, len(order))
+    np.testing.assert_array_equal(r.dosages[:, : data.n_perturbations], data.dosages[:, ::-1])
+    assert not r.dosages[:, -1].any()
+    with pytest.raises(SamsError, match="not in the list"):
+        data.with_perturbations(data.perturbations[1:])

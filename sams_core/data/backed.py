@@ -21,18 +21,21 @@ and every chunk is read once per epoch.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
-import math
 import os
-from dataclasses import dataclass, field, fields
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
 
-from sams_core.data.screen import PerturbationData, from_anndata
+from sams_core.data import contract
+from sams_core.data.screen import PerturbationData
 from sams_core.errors import SamsError
+from sams_core.labels import SEPARATORS
 
 DEFAULT_CHUNK_SIZE = 4096
 
@@ -211,6 +214,15 @@ class BackedMatrix:
             part = rows[s : s + self.chunk_size]
             yield part, self.take(part)
 
+    def sum(self, axis: int) -> np.ndarray:
+        """Row sums (``axis=1``, float32), streamed over the file."""
+        if axis != 1:
+            raise ValueError("a backed matrix sums rows only (axis=1)")
+        out = np.zeros(self.shape[0], dtype=np.float32)
+        for rows, b in self.iter_blocks():
+            out[rows] = np.asarray(b.sum(axis=1)).ravel()
+        return out
+
     def to_memory(self) -> sp.csr_matrix | np.ndarray:
         """The whole matrix in memory (float32)."""
         parts = [b for _, b in self.iter_blocks()]
@@ -222,27 +234,26 @@ class BackedMatrix:
 # ---- the screen --------------------------------------------------------------------------------
 @dataclass
 class BackedPerturbationData(PerturbationData):
-    """A :class:`PerturbationData` whose ``X`` is a :class:`BackedMatrix` (rows stay on disk)."""
+    """A :class:`PerturbationData` whose ``X`` is a :class:`BackedMatrix` (rows stay on disk).
 
-    _checksum: str | None = field(default=None, repr=False, compare=False)
+    Derived screens keep the matrix on disk while it stays backed (a choice of genes is a
+    column view of the file); a choice of cells reads them and gives a plain, in-memory
+    :class:`PerturbationData`, as does :meth:`to_memory`.
+    """
 
-    def subset(self, idx: np.ndarray) -> PerturbationData:
-        """The cells at ``idx``, read into memory (a plain :class:`PerturbationData`)."""
-        idx = np.asarray(idx)
-        if idx.dtype == bool:
-            idx = np.flatnonzero(idx)
-        return PerturbationData(
-            X=self.X[idx], is_counts=self.is_counts, library=self.library[idx], dosages=self.dosages[idx],
-            labels=self.labels[idx], perturbations=list(self.perturbations), genes=list(self.genes),
-            obs=self.obs.iloc[idx], settings={**self.settings, "backed": False},
-        )
+    _checksum: str | None = field(default=None, init=False, repr=False, compare=False)
+
+    def replace(self, **changes: Any) -> PerturbationData:
+        """This screen with some fields changed: backed while ``X`` is, else in memory."""
+        changes.setdefault("settings", dict(self.settings))
+        if isinstance(changes.get("X", self.X), BackedMatrix):
+            return dataclasses.replace(self, **changes)
+        plain = {f.name: getattr(self, f.name) for f in dataclasses.fields(PerturbationData)}
+        return PerturbationData(**{**plain, **changes, "settings": {**changes["settings"], "backed": False}})
 
     def to_memory(self) -> PerturbationData:
         """The whole screen in memory."""
-        return PerturbationData(**{
-            **{f.name: getattr(self, f.name) for f in fields(PerturbationData)},
-            "X": self.X.to_memory(), "settings": {**self.settings, "backed": False},
-        })
+        return self.replace(X=self.X.to_memory())
 
     def dense(self, idx: np.ndarray | None = None) -> np.ndarray:
         m = self.X.to_memory() if idx is None else self.X[np.asarray(idx)]
@@ -284,38 +295,11 @@ def _streamed_checksum(data: BackedPerturbationData) -> str:
     return h.hexdigest()[:16]
 
 
-def _scan(X: BackedMatrix, where: str) -> tuple[bool, np.ndarray, float]:
-    """One pass over the file: (integer-valued, row sums, smallest value), with contract checks."""
-    first: list[np.ndarray] = []
-    n_first = 0
-    sums = np.zeros(X.shape[0], dtype=np.float64)
-    vmin = math.inf
-    for rows, b in X.iter_blocks(raw=True):
-        vals = b.data if sp.issparse(b) else np.asarray(b).ravel()
-        if not np.issubdtype(vals.dtype, np.number):
-            raise SamsError(f"{where} is not numeric (dtype {vals.dtype}). Store expression as numbers.")
-        vals = vals.astype(np.float32, copy=False)
-        if not np.isfinite(vals).all():
-            raise SamsError(
-                f"{where} contains NaN or infinite values. Remove or impute them before loading "
-                "(e.g. adata = adata[:, np.isfinite(adata.X.sum(0))])."
-            )
-        if n_first < 200_000:
-            first.append(vals[: 200_000 - n_first])
-            n_first += first[-1].size
-        if vals.size:
-            vmin = min(vmin, float(vals.min()))
-        sums[rows] = np.asarray(b.astype(np.float32).sum(axis=1)).ravel()
-    sample = np.concatenate(first) if first else np.zeros(0, np.float32)
-    is_int = bool(np.all(np.mod(sample, 1) == 0))
-    return is_int, sums.astype(np.float32), (0.0 if vmin == math.inf else vmin)
-
-
 def read_h5ad_backed(
     path: str | Path,
     perturbation_key: str | None = None,
     control_labels: Sequence[str] | None = None,
-    separators: Sequence[str] = ("+",),
+    separators: Sequence[str] = SEPARATORS,
     counts_layer: str | None = None,
     n_top_genes: int | None = None,
     covariate_keys: Sequence[str] | None = None,
@@ -323,19 +307,14 @@ def read_h5ad_backed(
 ) -> BackedPerturbationData:
     """Open an ``.h5ad`` screen without reading its expression matrix into memory.
 
-    Same options and data contract as :func:`sams_core.data.screen.read_h5ad` (counts from
-    ``layers[counts_layer or 'counts']`` or an integer ``X``, else log-normalised ``X``); the
-    matrix must be CSR or dense. ``n_top_genes`` needs the whole matrix and is refused.
+    Same options, data contract and messages as :func:`sams_core.data.screen.read_h5ad` (the
+    checks of :mod:`sams_core.data.contract`, run block by block over the matrix); the matrix
+    must be CSR or dense. ``n_top_genes`` needs the whole matrix and is refused.
     ``chunk_size`` is the number of rows per read.
     """
-    import anndata as ad
     import h5py
 
-    p = Path(path)
-    if not p.exists():
-        raise SamsError(f"File not found: {p}. Check the path.")
-    if p.suffix.lower() != ".h5ad":
-        raise SamsError(f"{p.name} is not an .h5ad file. Convert it with anndata/scanpy (adata.write_h5ad('screen.h5ad')).")
+    p = contract.check_path(path)
     if n_top_genes is not None:
         raise SamsError(
             "Selecting highly variable genes (n_top_genes) needs the whole matrix in memory and is not "
@@ -349,55 +328,27 @@ def read_h5ad_backed(
             layers = list(f["layers"].keys()) if "layers" in f else []
             has_x = "X" in f
     except Exception as exc:  # h5py / anndata raise many types for corrupt files
-        raise SamsError(
-            f"Could not read {p.name} as AnnData ({type(exc).__name__}: {exc}). "
-            "The file is damaged or not an .h5ad; re-export it with adata.write_h5ad()."
-        ) from exc
-    if counts_layer is not None and counts_layer not in layers:
-        raise SamsError(
-            f"Layer {counts_layer!r} not found (layers: {', '.join(layers) or 'none'}). "
-            "Name an existing counts layer or leave it empty to use X."
-        )
-    layer = counts_layer or ("counts" if "counts" in layers else None)
-    if layer is None and not has_x:
-        raise SamsError("The file has no expression matrix (X is empty). Store counts in X or layers['counts'].")
-    key, where = (f"layers/{layer}", f"layers[{layer!r}]") if layer is not None else ("X", "X")
-    X = BackedMatrix(p, key, chunk_size)
+        raise contract.unreadable(p, exc) from exc
+    contract.check_shape(len(obs), len(var))
+    genes = contract.gene_names(var.index)
+    conditions = contract.read_conditions(obs, perturbation_key, control_labels, separators)
+    carried = contract.carried_obs(obs, conditions, covariate_keys)
+    layer, where = contract.expression_source(layers, has_x, counts_layer)
+    X = BackedMatrix(p, "X" if layer is None else f"layers/{layer}", chunk_size)
     n, g = X.shape
     if n != len(obs) or g != len(var):
         raise SamsError(f"{where} is {n} × {g} but obs/var describe {len(obs)} × {len(var)}. The file is inconsistent.")
-
-    # labels → dosages with the in-memory reader's rules, on a stand-in matrix (one count per cell)
-    stub = sp.csr_matrix((np.ones(n, np.float32), np.zeros(n, np.int32), np.arange(n + 1)), shape=(n, g))
-    base = from_anndata(
-        ad.AnnData(X=stub, obs=obs, var=var), perturbation_key=perturbation_key, control_labels=control_labels,
-        separators=separators, covariate_keys=covariate_keys,
-    )
-    is_counts, sums, vmin = _scan(X, where)
-    if layer is not None and not is_counts:
-        raise SamsError(
-            f"{where} holds non-integer values, so they are not raw counts. Store raw UMI counts there, "
-            "or remove the layer to model X as log-normalised data."
-        )
-    if is_counts and vmin < 0:
-        raise SamsError(f"{where} has negative counts (min {vmin:g}). Counts must be ≥ 0: load raw UMI counts.")
-    if is_counts:
-        library = sums
-        if (library <= 0).any():
-            k = int((library <= 0).sum())
-            raise SamsError(f"{k} cells have zero total counts. Filter them first (sc.pp.filter_cells(adata, min_counts=1)).")
-    else:
-        library = np.ones(n, dtype=np.float32)
+    scan = contract.ValueScan(n, where)
+    for rows, block in X.iter_blocks(raw=True):
+        scan.add(rows, block)
+    is_counts, library = scan.counts_and_library(layer)
     settings = {
-        **base.settings,
-        "counts_source": where if is_counts else None,
-        "likelihood": "nb" if is_counts else "gaussian",
-        "n_top_genes": None,
+        **contract.contract_settings(conditions, where, is_counts),
         "source": str(p),
         "backed": True,
         "chunk_size": int(chunk_size),
     }
     return BackedPerturbationData(
-        X=X, is_counts=is_counts, library=library, dosages=base.dosages, labels=base.labels,
-        perturbations=base.perturbations, genes=base.genes, obs=base.obs, settings=settings,
+        X=X, is_counts=is_counts, library=library, dosages=conditions.dosages, labels=conditions.labels,
+        perturbations=conditions.perturbations, genes=genes, obs=carried, settings=settings,
     )
