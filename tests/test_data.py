@@ -125,7 +125,8 @@ def test_splits(screen):
     np.testing.assert_array_equal(s, make_split(data, "heldout-combos", fraction=0.34, seed=1))
     de = make_split(data, "data-efficiency", fraction=0.2, seed=0)
     combo = data.n_members >= 2
-    assert (de[combo] == "test").mean() == pytest.approx(0.8, abs=0.02)
+    assert (de[combo] == "test").mean() == pytest.approx(0.5, abs=0.02)
+    assert np.isin(de[combo], ["train", "val"]).mean() == pytest.approx(0.1, abs=0.02)
     hp = make_split(data, "heldout-perturbations", fraction=0.2, seed=0)
     assert "control" not in set(data.labels[hp == "test"])
     r = make_split(data, "random", test_fraction=0.1, seed=0)

@@ -19,6 +19,8 @@ SPLIT_KINDS: tuple[str, ...] = (
 
 
 TRAIN, VAL, TEST = "train", "val", "test"
+#: Cells in no set: the data-efficiency split's combination cells beyond the trained fraction.
+UNUSED = "unused"
 
 
 def make_split(
@@ -30,16 +32,17 @@ def make_split(
     seed: int = 0,
     heldout: Sequence[str] | None = None,
 ) -> np.ndarray:
-    """Assign every cell to "train", "val" or "test" (a seeded split of DESIGN §3).
+    """Assign every cell to "train", "val" or "test" (a seeded split of DESIGN §3; "unused" below).
 
     - ``random``: cells at random, ``test_fraction`` test and ``val_fraction`` validation;
     - ``heldout-combos``: a ``fraction`` of the combinations (or the labels in ``heldout``) is
       never seen in training: their cells form the test set; singles and controls are trained;
-    - ``data-efficiency``: only a ``fraction`` of the combination cells reach training, the
-      other combination cells are the test set;
+    - ``data-efficiency``: half of each combination's cells is the test set, drawn from the seed
+      alone so that every ``fraction`` is scored on the same cells; a ``fraction`` of the other
+      half reaches training (nested: a larger fraction adds cells), the rest is ``"unused"``;
     - ``heldout-perturbations``: a ``fraction`` of the perturbation labels (or ``heldout``) is
       the test set (the sVAE+ out-of-domain protocol).
-    Validation cells are drawn at random from the cells not in the test set.
+    Validation cells are drawn at random from the cells left for training.
     """
     if kind not in SPLIT_KINDS:
         raise SamsError(f"Unknown split {kind!r}. Choose one of: {', '.join(SPLIT_KINDS)}.")
@@ -81,9 +84,15 @@ def make_split(
         combo_idx = np.flatnonzero(is_combo)
         if combo_idx.size == 0:
             raise SamsError("The data has no combination cells. Use a random split instead.")
-        perm = rng.permutation(combo_idx)
-        n_train = int(round(fraction * combo_idx.size))
-        split[perm[n_train:]] = TEST
+        test_part, pool = [], []
+        for lab in sorted(set(labels[combo_idx])):
+            cells = rng.permutation(np.flatnonzero(labels == lab))
+            n_test = (cells.size + 1) // 2
+            test_part.append(cells[:n_test])
+            pool.append(cells[n_test:])
+        split[np.concatenate(test_part)] = TEST
+        pool_cells = rng.permutation(np.concatenate(pool))
+        split[pool_cells[int(round(fraction * pool_cells.size)):]] = UNUSED
     rest = np.flatnonzero(split == TRAIN)
     n_val = int(round(val_fraction * rest.size))
     if n_val:
