@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import numpy as np
 import streamlit as st
 
 from explorer import state as S
 from sams_core import plots
+from sams_core.evaluation.compare import add_truth_scores
 
 st.set_page_config(page_title="Compare · SAMS Explorer", layout="wide")
 st.title("Compare")
@@ -39,29 +39,20 @@ table.insert(1, "model", [labels.get(n, n) for n in table["name"]])
 
 truth = ctx.truth
 if truth is not None:
-    from sams_core.simulate import truth_masks_for
-    from sams_core.evaluation.truth import mask_scores
-
-    f1 = []
-    for n in table["name"]:
-        b = bundles.get(n)
-        val = np.nan
-        if b is not None and b.mask_rows == b.perturbations:
-            p = b.mask_probabilities()
-            if p is not None:
-                val = mask_scores(truth_masks_for(truth, b.perturbations), p)["f1"]
-        f1.append(val)
-    table["mask_f1"] = f1
+    table = add_truth_scores(table, bundles, truth)
 
 for _, r in table[table["collapsed"]].iterrows():
     st.warning(f"{r['model']} looks collapsed: its predicted effects are nearly the same for every held-out condition.")
 
 S.show_table(table, "heldout_comparison", "compare_table")
-metric_opts = [c for c in ["ate_r", "ate_r2", "ate_r_top20", "ate_r2_top20", "cosine", "cosine_rank", "energy_distance", "iwelbo", "mask_f1"] if c in table]
+metric_opts = [c for c in ["ate_r", "ate_r2", "ate_r_top20", "ate_r2_top20", "calibration_slope", "calibration_slope_top20", "cosine",
+                            "cosine_rank", "energy_distance", "iwelbo", "mask_f1", "mask_precision", "mask_recall"] if c in table]
 metrics = S.widget(st.multiselect, "Metrics to plot", "compare_metrics", [m for m in ["ate_r_top20", "cosine", "energy_distance", "mask_f1"] if m in metric_opts], metric_opts)
 if metrics:
     fig = plots.comparison_bars(table.assign(name=table["model"]), metrics, title="Held-out comparison (grey = baselines)")
     S.chart(fig, "heldout_comparison", "compare_bars")
 st.caption("ate_r / R²: correlation of predicted and observed effects over genes (top20 = the 20 most changed genes); "
-           "cosine_rank: lower is better; energy_distance: held-out vs predicted cells in PCA space, lower is better; "
-           "mask_f1: recovery of the simulator's true masks.")
+           "calibration_slope: slope of predicted on observed effects (1 = calibrated, below 1 = shrunk predictions); "
+           "cosine_rank: for each observed effect, the share of other predictions closer to it than its own (0 best, 0.5 chance); "
+           "energy_distance: held-out vs predicted cells in PCA space, lower is better, energy_floor is what two halves of the "
+           "held-out cells score; mask_f1: recovery of the simulator's true masks.")

@@ -1,18 +1,27 @@
 """Models and data baselines scored side by side on the same held-out conditions.
+
+Besides the effect scores of :mod:`sams_core.evaluation.metrics`, a distributional score: the
+energy distance between held-out cells and cells drawn from a predictor, in a PCA of the data.
+Predictors of cells are plain callables (:data:`CellSampler`), so a model, a baseline or a
+simulator's true model (the oracle, ``sams_core.simulate.sample_condition``) are scored alike.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
 import numpy as np
 import pandas as pd
 import torch
+from scipy.spatial.distance import cdist
 
 from sams_core.data.screen import PerturbationData
 from sams_core.data.splits import TEST
 from sams_core.errors import SamsError
 from sams_core.evaluation.baselines import additive_baseline, diversity_check
 from sams_core.evaluation.metrics import (
-    LIBRARY_SCALE,
     ate_transform,
     data_ate,
     effect_scores,
@@ -21,15 +30,26 @@ from sams_core.evaluation.metrics import (
     seeded,
     split_conditions,
 )
+from sams_core.evaluation.truth import mask_scores
+from sams_core.io.bundle import ModelBundle
 from sams_core.models.base import PerturbationModel
+from sams_core.simulate import SimulationTruth
+
+#: A predictor of cells: (condition label, library sizes (n,), seed) → n cells of raw expression
+#: (counts, or values for Gaussian data), one per library size; None when it cannot predict the
+#: condition.
+CellSampler = Callable[[str, np.ndarray, int], "np.ndarray | None"]
 
 
 # ---------------------------------------------------------------------------------------------
-# distributional distance and one table for models and baselines
+# distributional distance
 def energy_distance(a: np.ndarray, b: np.ndarray) -> float:
-    """Energy distance between two samples of points (rows): 2E|A-B| - E|A-A'| - E|B-B'|."""
-    from scipy.spatial.distance import cdist
+    """Energy distance between two samples of points (rows): 2E|A-B| - E|A-A'| - E|B-B'|.
 
+    The plug-in (V-statistic) estimate, with each sample's distances to itself included: two
+    samples of one distribution score about E|A-A'|·(1/n_a + 1/n_b) > 0, so compare a score with
+    the sampling floor of the same sizes (:meth:`HeldoutCells.floor`), not with 0.
+    """
     if len(a) == 0 or len(b) == 0:
         return float("nan")
     return float(2 * cdist(a, b).mean() - cdist(a, a).mean() - cdist(b, b).mean())
@@ -40,73 +60,211 @@ def transformed_cells(data: PerturbationData, cells: np.ndarray) -> np.ndarray:
     return np.asarray(ate_transform(data.dense(cells).astype(np.float64), data.library[cells].astype(np.float64), data.is_counts))
 
 
+def transform_like_data(raw: np.ndarray, is_counts: bool) -> np.ndarray:
+    """Raw expression (cells × genes) on the ATE scale exactly as the data is transformed: counts
+    are normalised by each cell's own total (its library size, as ``from_anndata`` computes it)."""
+    raw = np.asarray(raw, dtype=np.float64)
+    if not is_counts:
+        return raw
+    return np.asarray(ate_transform(raw, np.maximum(raw.sum(1), 1.0), True))
+
+
+@dataclass
+class HeldoutCells:
+    """Held-out cells of each condition in a PCA of the data: the reference of the energy distance.
+
+    Attributes:
+        conditions: the held-out conditions.
+        observed: condition → its held-out cells (at most ``n_cells``) in PCA coordinates.
+        control_library: library sizes of the observed control cells (predicted cells are drawn
+            at sizes sampled from these).
+        is_counts: whether the data are counts (else Gaussian values, no library).
+        pca: the fitted ``sklearn.decomposition.PCA`` (on the ATE scale).
+    """
+
+    conditions: list[str]
+    observed: dict[str, np.ndarray]
+    control_library: np.ndarray
+    is_counts: bool
+    pca: Any
+
+    @classmethod
+    def build(cls, data: PerturbationData, split: np.ndarray, n_cells: int = 300, n_pcs: int = 20, seed: int = 0) -> HeldoutCells:
+        """Held-out cells of every test condition of ``split`` (a seeded subsample of ``n_cells``
+        each) projected on a PCA fitted on up to 5,000 cells of the data."""
+        from sklearn.decomposition import (
+            PCA,  # heavy third-party import, only when comparing
+        )
+
+        rng = np.random.default_rng(seed)
+        test = np.flatnonzero(split == TEST)
+        conds = split_conditions(data, split, TEST)
+        if not conds:
+            raise SamsError("The split has no held-out conditions to compare on. Use a held-out split.")
+        fit_cells = np.sort(rng.choice(data.n_cells, min(data.n_cells, 5000), replace=False))
+        pca = PCA(n_components=min(n_pcs, data.n_genes, len(fit_cells)), random_state=seed).fit(transformed_cells(data, fit_cells))
+        observed = {}
+        for c in conds:
+            idx = test[data.labels[test] == c]
+            idx = idx if idx.size <= n_cells else np.sort(rng.choice(idx, n_cells, replace=False))
+            observed[c] = pca.transform(transformed_cells(data, idx))
+        return cls(conds, observed, data.library[data.control_mask].astype(np.float64), data.is_counts, pca)
+
+    def project(self, raw: np.ndarray) -> np.ndarray:
+        """Raw expression → ATE scale (:func:`transform_like_data`) → PCA coordinates."""
+        return self.pca.transform(transform_like_data(raw, self.is_counts))
+
+    def libraries(self, n: int, rng: np.random.Generator) -> np.ndarray:
+        """``n`` library sizes drawn (with replacement) from the observed controls (ones for Gaussian data)."""
+        if not self.is_counts or self.control_library.size == 0:
+            return np.ones(n)
+        return rng.choice(self.control_library, n, replace=True)
+
+    def energy(self, cells_of: Callable[[str], np.ndarray | None]) -> float:
+        """Mean over conditions of the energy distance between held-out cells and ``cells_of(c)``
+        (cells in PCA coordinates; conditions where it gives None are left out)."""
+        ed = []
+        for c in self.conditions:
+            pred = cells_of(c)
+            if pred is not None:
+                ed.append(energy_distance(self.observed[c], pred))
+        return float(np.mean(ed)) if ed else float("nan")
+
+    def energy_of_sampler(self, sampler: CellSampler, seed: int = 0) -> float:
+        """:meth:`energy` of a predictor of raw cells: per condition as many cells as were
+        observed, at library sizes sampled from the observed controls, transformed like the data."""
+        rng = np.random.default_rng(seed)
+
+        def cells_of(c: str) -> np.ndarray | None:
+            raw = sampler(c, self.libraries(len(self.observed[c]), rng), int(rng.integers(2**31)))
+            return None if raw is None else self.project(raw)
+
+        return self.energy(cells_of)
+
+    def floor(self, seed: int = 0) -> float:
+        """The sampling floor: mean over conditions of the energy distance between two random
+        halves of the held-out cells. A perfect predictor (as many cells as observed) scores
+        about half of it, since each of its samples is twice as large."""
+        rng = np.random.default_rng(seed)
+        ed = []
+        for c in self.conditions:
+            x = self.observed[c][rng.permutation(len(self.observed[c]))]
+            if len(x) >= 4:
+                ed.append(energy_distance(x[: len(x) // 2], x[len(x) // 2 :]))
+        return float(np.mean(ed)) if ed else float("nan")
+
+
 @torch.no_grad()
-def predicted_cells(model: PerturbationModel, d_row: np.ndarray, n: int, is_counts: bool, seed: int = 0) -> np.ndarray:
-    """``n`` posterior-predictive cells of one dosage row on the ATE scale (library 1e4)."""
+def predicted_cells(model: PerturbationModel, d_row: np.ndarray, library: np.ndarray, is_counts: bool, seed: int = 0) -> np.ndarray:
+    """Posterior-predictive cells of one dosage row, one per entry of ``library``: raw expression
+    (counts drawn at those library sizes, or Gaussian values), globals from the guide and z_b
+    from the prior. Put them on the ATE scale with :func:`transform_like_data`."""
     device = model.input_mean.device
+    model.eval()
     with seeded(device, seed):
+        n = len(library)
         g = model.sample_globals(n)
         out = model.predict(torch.as_tensor(d_row[None], device=device), g, 1)[:, 0]
-        x = model.likelihood.sample(out, LIBRARY_SCALE) if is_counts else model.likelihood.sample(out, 1.0)
-        return ate_transform(x, LIBRARY_SCALE, is_counts).cpu().numpy().astype(np.float64)
+        lib = torch.as_tensor(np.asarray(library, dtype=np.float32), device=device)
+        x = model.likelihood.sample(out, lib) if is_counts else model.likelihood.sample(out, 1.0)
+        return x.cpu().numpy().astype(np.float64)
 
 
+def model_sampler(model: PerturbationModel, data: PerturbationData) -> CellSampler:
+    """The :data:`CellSampler` of a model (None for conditions it cannot predict)."""
+
+    def sample(label: str, library: np.ndarray, seed: int) -> np.ndarray | None:
+        try:
+            return predicted_cells(model, data.dosage_row(label), library, data.is_counts, seed)
+        except SamsError:
+            return None
+
+    return sample
+
+
+# ---------------------------------------------------------------------------------------------
+# scores against a simulation's answer key
+def bundle_mask_scores(bundle: ModelBundle, truth: SimulationTruth, threshold: float = 0.5) -> dict[str, float]:
+    """Mask precision / recall / F1 of a model against the simulated truth (after matching units).
+
+    The model's mask rows that are simulated singles are scored (all rows for SAMS-VAE; the
+    single-perturbation conditions for sVAE+). NaN for families without masks or with no such row.
+    """
+    nan = {"mask_precision": float("nan"), "mask_recall": float("nan"), "mask_f1": float("nan")}
+    probs = bundle.mask_probabilities()
+    if probs is None:
+        return nan
+    known = set(truth.perturbations.tolist())
+    rows = [i for i, r in enumerate(bundle.mask_rows) if r in known]
+    if not rows:
+        return nan
+    true = np.asarray(truth.masks)[[truth.perturbations.tolist().index(bundle.mask_rows[i]) for i in rows]]
+    s = mask_scores(true, probs[rows], threshold)
+    return {"mask_precision": s["precision"], "mask_recall": s["recall"], "mask_f1": s["f1"]}
+
+
+def add_truth_scores(table: pd.DataFrame, bundles: Mapping[str, ModelBundle], truth: SimulationTruth) -> pd.DataFrame:
+    """``table`` (a :func:`compare_on_heldout` table) with mask precision / recall / F1 against the
+    simulated truth for each model row (NaN for baselines and models without masks)."""
+    out = table.copy()
+    scores = [bundle_mask_scores(bundles[n], truth) if n in bundles else {} for n in out["name"]]
+    for key in ("mask_precision", "mask_recall", "mask_f1"):
+        out[key] = [s.get(key, float("nan")) for s in scores]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# one table for models and baselines
 def compare_on_heldout(
-    bundles: dict[str, "object"],
+    bundles: Mapping[str, ModelBundle],
     data: PerturbationData,
     split: np.ndarray,
     n_cells: int = 300,
     n_pcs: int = 20,
     n_ate_samples: int = 1000,
     seed: int = 0,
+    truth: SimulationTruth | None = None,
 ) -> pd.DataFrame:
     """Models (``{name: ModelBundle}``) and data-only baselines scored on the held-out conditions.
 
-    One row per model and per baseline (no change; additive-in-data sum of observed singles):
-    ATE r / R² (all and top-20 DE genes), cosine and cosine rank of the effects, energy distance
-    between held-out cells and predicted cells in a PCA of the data (mean over conditions),
-    held-out IWELBO for the models, and the collapse flag of the diversity check.
+    One row per baseline (no change; additive in data: the sum of the members' observed effects
+    on the cells outside the test set) and per model. Columns: the :func:`effect_scores` of the
+    held-out conditions' observed effects (their test cells against all controls) — ATE r / R²
+    (all and top-20 DE genes), cosine, cosine rank, calibration slope and intercept (all and
+    top-20) —; ``energy_distance`` between held-out cells and predicted cells in a PCA of the data
+    (mean over conditions; model cells drawn at library sizes of observed controls and transformed
+    like the data) and ``energy_floor``, the half-vs-half sampling floor of the held-out cells;
+    held-out ``iwelbo`` for models; ``collapsed`` from the diversity check; with ``truth`` (a
+    simulated screen's answer key) also mask precision / recall / F1 (:func:`add_truth_scores`).
     """
-    from sklearn.decomposition import PCA
-
-    test = np.flatnonzero(split == "test")
-    conds = split_conditions(data, split, TEST)
-    if not conds:
-        raise SamsError("The split has no held-out conditions to compare on. Use a held-out split.")
-    rng = np.random.default_rng(seed)
-    observed_all = data_ate(data)
-    obs = observed_all.loc[conds]
+    ref = HeldoutCells.build(data, split, n_cells, n_pcs, seed)
+    conds = ref.conditions
+    test = np.flatnonzero(split == TEST)
     ctrl = np.flatnonzero(data.control_mask)
-    fit_cells = np.sort(rng.choice(data.n_cells, min(data.n_cells, 5000), replace=False))
-    pca = PCA(n_components=min(n_pcs, data.n_genes, len(fit_cells)), random_state=seed).fit(transformed_cells(data, fit_cells))
-    obs_cells = {}
-    for c in conds:
-        idx = test[data.labels[test] == c]
-        idx = idx if idx.size <= n_cells else np.sort(rng.choice(idx, n_cells, replace=False))
-        obs_cells[c] = pca.transform(transformed_cells(data, idx))
+    obs = data_ate(data, test[~data.control_mask[test]], ctrl).loc[conds]
+    outside = np.flatnonzero((split != TEST) & ~data.control_mask)
+    seen = data_ate(data, outside, ctrl) if outside.size else pd.DataFrame(columns=data.genes)
+    rng = np.random.default_rng(seed)
     ctrl_idx = ctrl if ctrl.size <= n_cells else np.sort(rng.choice(ctrl, n_cells, replace=False))
     ctrl_t = transformed_cells(data, ctrl_idx)
+    floor = ref.floor(seed)
 
-    def row(name: str, kind: str, pred: pd.DataFrame, cells_of) -> dict:
-        s = effect_scores(obs, pred)
-        ed = [energy_distance(obs_cells[c], cells_of(c)) for c in conds if not pred.loc[c].isna().any()]
-        return {"name": name, "kind": kind, **s, "energy_distance": float(np.mean(ed)) if ed else float("nan"),
-                "collapsed": bool(diversity_check(pred)["collapsed"])}
+    def row(name: str, kind: str, pred: pd.DataFrame, energy: float) -> dict[str, Any]:
+        return {"name": name, "kind": kind, **effect_scores(obs, pred), "energy_distance": energy,
+                "energy_floor": floor, "collapsed": bool(diversity_check(pred)["collapsed"])}
 
     rows = []
     zero = pd.DataFrame(0.0, index=conds, columns=data.genes)
-    rows.append(row("no change", "baseline", zero, lambda c: pca.transform(ctrl_t)))
-    add = additive_baseline(observed_all, conds)
-    rows.append(row("additive in data", "baseline", add, lambda c: pca.transform(ctrl_t + add.loc[c].to_numpy())))
+    rows.append(row("no change", "baseline", zero, ref.energy(lambda c: ref.pca.transform(ctrl_t))))
+    add = additive_baseline(seen, conds)
+    add_energy = ref.energy(lambda c: None if add.loc[c].isna().any() else ref.pca.transform(ctrl_t + add.loc[c].to_numpy()))
+    rows.append(row("additive in data", "baseline", add, add_energy))
     for name, bundle in bundles.items():
         model = bundle.model
         pred = model_ate(model, conds, data.perturbations, data.is_counts, n_ate_samples, seed)
         pred.columns = data.genes
-
-        def cells_of(c, model=model):
-            return pca.transform(predicted_cells(model, data.dosage_row(c), n_cells, data.is_counts, seed))
-
-        r = row(name, "model", pred, cells_of)
+        r = row(name, "model", pred, ref.energy_of_sampler(model_sampler(model, data), seed))
         r["iwelbo"] = float(iwelbo(model, data, test, 100, seed).mean())
         rows.append(r)
-    return pd.DataFrame(rows)
+    table = pd.DataFrame(rows)
+    return add_truth_scores(table, bundles, truth) if truth is not None else table
