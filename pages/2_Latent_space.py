@@ -8,8 +8,8 @@ import streamlit as st
 
 from explorer import state as S
 from sams_core import plots
-from sams_core.data.screen import split_label
 from sams_core.interpret.embed import cell_latents
+from sams_core.labels import split_label
 
 st.set_page_config(page_title="Latent space · SAMS Explorer", layout="wide")
 st.title("Latent space")

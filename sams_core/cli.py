@@ -19,6 +19,7 @@ import pandas as pd
 from sams_core import __version__
 from sams_core.data.splits import SPLIT_KINDS
 from sams_core.errors import SamsError
+from sams_core.labels import dosage_rows, parse_label
 from sams_core.models.registry import FAMILIES
 from sams_core.models.sams_vae import GUIDES
 
@@ -139,17 +140,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def parse_combination(text: str) -> dict[str, float]:
-    """"A+B:0.5" → {"A": 1.0, "B": 0.5}; "control" → {}."""
-    from sams_core.data.screen import split_label
-
-    out: dict[str, float] = {}
-    for part in split_label(text):
-        name, _, dose = part.partition(":")
-        try:
-            out[name] = out.get(name, 0.0) + (float(dose) if dose else 1.0)
-        except ValueError as exc:
-            raise SamsError(f"Dosage {dose!r} in {text!r} is not a number. Write NAME:DOSE, e.g. KLF1:0.5.") from exc
-    return out
+    """"A+B:0.5" → {"A": 1.0, "B": 0.5}; "control" → {} (the grammar of :mod:`sams_core.labels`)."""
+    return parse_label(text)
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -229,14 +221,12 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 def _cmd_predict(args: argparse.Namespace) -> int:
     from sams_core.io.bundle import load_bundle
-    from sams_core.data.screen import dosage_rows
     from sams_core.evaluation.metrics import model_ate_draws
 
     bundle = load_bundle(args.bundle)
     if not 0 < args.level < 1:
         raise SamsError(f"--level must be between 0 and 1, got {args.level}.")
-    combos = [parse_combination(c) for c in args.perturbations]
-    d = dosage_rows(combos, bundle.perturbations)
+    d = dosage_rows(args.perturbations, bundle.perturbations)
     per = max(1, args.samples // 100)
     draws = model_ate_draws(bundle.model, d, bundle.is_counts, n_globals=100, n_per_global=per, seed=args.seed)
     lo_q, hi_q = (1 - args.level) / 2, 1 - (1 - args.level) / 2

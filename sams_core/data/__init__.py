@@ -1,4 +1,4 @@
 """The data contract: reading and validating screens, labels, splits, summaries and device batches.
 
-May import: models, io (below it), errors, settings.
+May import: models, io (below it), labels, errors, settings.
 """

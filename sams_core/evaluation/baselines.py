@@ -8,8 +8,9 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from sams_core.data.screen import PerturbationData, split_label
+from sams_core.data.screen import PerturbationData
 from sams_core.evaluation.metrics import cosine_matrix, data_ate
+from sams_core.labels import split_label
 
 
 # ---------------------------------------------------------------------------------------------

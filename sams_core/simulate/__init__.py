@@ -1,6 +1,6 @@
 """Simulated screens with their answer keys (masks, effects, latents, gene programs).
 
-May import: errors, settings.
+May import: labels (the label grammar), errors, settings.
 
 Three simulators, numpy-only and deterministic for a seed (``np.random.default_rng(seed)``),
 one module each, with the shared parts in ``common``:

@@ -36,9 +36,6 @@ PERTURBATION_SYMBOLS: tuple[str, ...] = (
     "SPIB", "TFEC", "NR1H3", "POU2F2", "CREB1", "SRF", "MEF2C", "TFAP2A", "ZNF318", "MAP7D1",
 )
 
-#: Labels that mean "no perturbation" (lower case), as in the data contract.
-CONTROL_WORDS = frozenset({"control", "ctrl", "non-targeting", "nontargeting", "non_targeting", "nt", "dmso", ""})
-
 #: Count-matrix entries generated per block (bounds memory at large sizes).
 _BLOCK_ENTRIES = 1 << 22
 

@@ -9,8 +9,8 @@ from typing import Any
 import numpy as np
 
 from sams_core.errors import SamsError
+from sams_core.labels import parse_label
 from sams_core.simulate.common import (
-    CONTROL_WORDS,
     SimulationTruth,
     decode,
     softmax_rows,
@@ -81,19 +81,9 @@ def combination_shift(truth: SimulationTruth, label: str) -> np.ndarray:
     """
     idx = {p: i for i, p in enumerate(truth.perturbations.tolist())}
     out = np.zeros(truth.n_latent, dtype=np.float32)
-    text = str(label).strip()
-    if text.lower() in CONTROL_WORDS:
-        return out
-    for part in text.split("+"):
-        name, _, dose = part.strip().partition(":")
-        if name.lower() in CONTROL_WORDS:
-            continue
+    for name, d in parse_label(label, idx).items():
         if name not in idx:
             raise SamsError(f"{name!r} (in {label!r}) is not a simulated perturbation. Known: {', '.join(list(idx)[:8])}, ...")
-        try:
-            d = float(dose) if dose else 1.0
-        except ValueError:
-            raise SamsError(f"Dosage {dose!r} in {label!r} is not a number. Write NAME:DOSE, e.g. KLF1:0.5.") from None
         out += np.float32(d) * truth.embeddings[idx[name]]
     return out
 
