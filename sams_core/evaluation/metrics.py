@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import numpy as np
 import pandas as pd
@@ -225,32 +225,71 @@ def cosine_matrix(pred: np.ndarray, obs: np.ndarray) -> np.ndarray:
 
 
 def cosine_rank(pred: np.ndarray, obs: np.ndarray) -> np.ndarray:
-    """Per perturbation: fraction of other perturbations' observed effects closer (by cosine) to
-    its prediction than its own observed effect. 0 = own is closest; 0.5 = chance."""
+    """PerturBench's cosine rank, per observed effect (rows of ``obs``; ``pred`` in the same order).
+
+    For observed effect i: the fraction of the other perturbations' *predictions* that are closer
+    (by cosine) to observed effect i than its own prediction is, ties counting half. 0 = its own
+    prediction is the closest of all predictions; 0.5 = chance, which is also what a predictor that
+    gives every perturbation the same effect scores. (Ranking observed effects around each
+    prediction instead is the transposed score, a different number.)
+    """
     n = pred.shape[0]
     if n < 2:
         return np.full(n, np.nan)
-    c = cosine_matrix(pred, obs)
+    c = cosine_matrix(pred, obs)  # c[j, i]: prediction j against observed effect i
     own = np.diag(c)
     off = ~np.eye(n, dtype=bool)
-    # ties count half, so a predictor that cannot tell perturbations apart scores 0.5
-    closer = ((c > own[:, None]) & off).sum(1) + 0.5 * ((c == own[:, None]) & off).sum(1)
+    closer = ((c > own[None, :]) & off).sum(0) + 0.5 * ((c == own[None, :]) & off).sum(0)
     return closer / (n - 1)
 
 
+def calibration(obs: np.ndarray, pred: np.ndarray) -> tuple[float, float]:
+    """(slope, intercept) of the least-squares line of predicted on observed effects.
+
+    pred ≈ intercept + slope · obs over the given (perturbation, gene) pairs. Slope 1 is
+    calibrated, below 1 the predictions are shrunk (a prediction = 0.5 × observed has slope 0.5),
+    above 1 exaggerated; the intercept is a shift common to all effects. Because the observed
+    effects carry sampling noise, a perfect predictor scores slightly below 1 where conditions have
+    few cells (slope ≈ var(true) / var(observed)); with hundreds of cells per condition the
+    dilution is negligible. NaN when the observed effects do not vary.
+    """
+    obs = np.asarray(obs, dtype=np.float64).ravel()
+    pred = np.asarray(pred, dtype=np.float64).ravel()
+    o = obs - obs.mean() if obs.size else obs
+    ss = float((o * o).sum())
+    if obs.size < 2 or ss <= 0:
+        return float("nan"), float("nan")
+    slope = float((o * (pred - pred.mean())).sum() / ss)
+    return slope, float(pred.mean() - slope * obs.mean())
+
+
+#: Keys of :func:`effect_scores`.
+SCORE_KEYS: tuple[str, ...] = (
+    "n_conditions", "ate_r", "ate_r2", "ate_r_top20", "ate_r2_top20", "cosine", "cosine_rank",
+    "calibration_slope", "calibration_intercept", "calibration_slope_top20", "calibration_intercept_top20",
+)
+
+
 def effect_scores(observed: pd.DataFrame, predicted: pd.DataFrame, k: int = TOP_DE) -> dict[str, float]:
-    """Pearson r and R² over all (perturbation, gene) pairs and over each row's top-``k`` DE
-    genes, mean cosine of the effect vectors and the mean cosine rank."""
+    """Scores of predicted against observed effects (rows: conditions, columns: genes).
+
+    Pearson r and R² over all (perturbation, gene) pairs and over each row's top-``k`` DE genes
+    (``_top20``), the mean cosine of the effect vectors, the mean cosine rank
+    (:func:`cosine_rank`) and the calibration (:func:`calibration`: slope and intercept of
+    predicted on observed effects) over all pairs and over the top-``k`` pairs. Rows of NaN
+    (conditions a predictor cannot predict) are left out; ``n_conditions`` counts the rest.
+    """
     common = [i for i in observed.index if i in predicted.index]
     obs = observed.loc[common].to_numpy(dtype=np.float64)
     pred = predicted.loc[common].to_numpy(dtype=np.float64)
     ok = ~np.isnan(pred).any(1)
     obs, pred = obs[ok], pred[ok]
     if obs.shape[0] == 0:
-        nan = float("nan")
-        return {"n_conditions": 0, "ate_r": nan, "ate_r2": nan, "ate_r_top20": nan, "ate_r2_top20": nan, "cosine": nan, "cosine_rank": nan}
+        return {"n_conditions": 0, **{key: float("nan") for key in SCORE_KEYS[1:]}}
     top = top_de_mask(obs, k)
     cos = np.diag(cosine_matrix(pred, obs))
+    slope, intercept = calibration(obs, pred)
+    slope_top, intercept_top = calibration(obs[top], pred[top])
     return {
         "n_conditions": int(obs.shape[0]),
         "ate_r": _pearson(obs.ravel(), pred.ravel()),
@@ -259,6 +298,10 @@ def effect_scores(observed: pd.DataFrame, predicted: pd.DataFrame, k: int = TOP_
         "ate_r2_top20": _r2(obs[top], pred[top]),
         "cosine": float(np.mean(cos)),
         "cosine_rank": float(np.mean(cosine_rank(pred, obs))) if obs.shape[0] > 1 else float("nan"),
+        "calibration_slope": slope,
+        "calibration_intercept": intercept,
+        "calibration_slope_top20": slope_top,
+        "calibration_intercept_top20": intercept_top,
     }
 
 
@@ -289,7 +332,11 @@ def evaluate_model(
     seed: int = 0,
     splits: Sequence[str] = (TRAIN, TEST),
 ) -> Evaluation:
-    """Held-out IWELBO and ATE scores of ``model`` per split (DESIGN §3).
+    """Held-out IWELBO and effect scores of ``model`` per split (DESIGN §3).
+
+    One row per split with the cells' mean IWELBO and :func:`effect_scores` of the split's
+    conditions: ATE r / R² (all genes and top-20), cosine and cosine rank, and the calibration
+    (slope and intercept of predicted on observed ATE, all genes and top-20).
 
     Observed effects of a split use its own cells of each condition against all control cells.
     ``max_iwelbo_cells`` subsamples (seeded) cells for the IWELBO of large splits.
