@@ -6,7 +6,9 @@ The dashboard layer: only ``app.py`` and the pages import it; ``sams_core`` neve
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import threading
 import io
 import tempfile
 from dataclasses import dataclass
@@ -206,16 +208,23 @@ def _sha(b: bytes) -> str:
 
 @dataclass
 class Selection:
-    """What the sidebar has chosen, before anything heavy is loaded."""
+    """What the sidebar has chosen, before anything heavy is loaded.
+
+    ``model_name`` is None when the screen has no model yet (the screen alone is explored and
+    trained on); ``problem`` says what is missing when not even a screen is chosen.
+    """
 
     source: str
-    data_src: tuple[str, bytes | None]
+    data_src: tuple[str, bytes | None] | None
     data_label: str
     models: dict[str, tuple[str, bytes | None]]
-    model_name: str
+    model_name: str | None
+    problem: str | None = None
 
     def manifest(self) -> dict[str, Any] | None:
         """The chosen bundle's manifest (no model built), or None after showing what went wrong."""
+        if self.model_name is None:
+            return None
         return guarded(lambda: _manifest(*self.models[self.model_name]))
 
 
@@ -226,15 +235,45 @@ def _manifest(source: str, content: bytes | None = None) -> dict[str, Any]:
     return read_manifest(content if content is not None else source)
 
 
+# The entry script (app.py) draws the sidebar once per run, before the page runs; the page then
+# reads that selection instead of drawing the choosers again. Widgets drawn on every page keep
+# their state across navigation (Streamlit forgets keyed widgets a page does not draw).
+_RUN = threading.local()
+NO_MODEL = "No model for this screen yet: train one on the Train page, or choose a bundle in the sidebar."
+
+
+@contextlib.contextmanager
+def drawn_sidebar(sel: Selection):
+    """Let the pages run inside this block use ``sel`` (drawn by the entry script)."""
+    _RUN.selection = sel
+    try:
+        yield sel
+    finally:
+        _RUN.selection = None
+
+
+def selection() -> Selection:
+    """The sidebar's selection: drawn by the entry script in this run, else drawn now (a page run
+    on its own, e.g. in tests)."""
+    sel = getattr(_RUN, "selection", None)
+    return sel if sel is not None else choose()
+
+
 def sidebar() -> Context | None:
-    """Dataset and model choosers in the sidebar; the loaded :class:`Context`, or None after
-    showing what went wrong."""
-    sel = choose()
-    return load(sel) if sel is not None else None
+    """The loaded :class:`Context` of the sidebar's screen and model, or None after saying what is
+    missing (no screen, or no model for it)."""
+    sel = selection()
+    if sel.data_src is None:
+        st.info(sel.problem or "Choose a screen (.h5ad) in the sidebar to start.")
+        return None
+    if sel.model_name is None:
+        st.info(NO_MODEL)
+        return None
+    return load(sel)
 
 
-def choose() -> Selection | None:
-    """Dataset and model choosers in the sidebar (nothing loaded yet); None when incomplete."""
+def choose() -> Selection:
+    """Dataset and model choosers in the sidebar (nothing loaded yet)."""
     sb = st.sidebar
     sb.header("Data and model")
     source = widget(sb.radio, "Dataset", "dataset", "demo", SOURCES, format_func=SOURCE_LABELS.get)
@@ -266,13 +305,11 @@ def choose() -> Selection | None:
         label = ss["upload_data"][0] if "upload_data" in ss else "upload"
     models.update(run_bundles())
     if data_src is None:
-        st.info("Choose a screen (.h5ad) in the sidebar to start.")
-        return None
-    if not models:
-        st.info("Choose a model bundle (.sams) in the sidebar, or train one on the Train page.")
-        return None
-    names = list(models)
-    model_name = widget(sb.selectbox, "Model", "model", names[0], names)
+        return Selection(source, None, label, models, None, "Choose a screen (.h5ad) in the sidebar to start.")
+    model_name = None
+    if models:
+        names = list(models)
+        model_name = widget(sb.selectbox, "Model", "model", names[0], names)
     return Selection(source, data_src, label, models, model_name)
 
 
@@ -415,7 +452,7 @@ def mask_truth(ctx: Context):
 
 
 __all__ = [
-    "Context", "Selection", "sidebar", "choose", "load", "data_summary", "widget", "remember", "recalled", "predict", "observed", "unmeasured_pairs", "loadings",
+    "Context", "Selection", "sidebar", "choose", "selection", "drawn_sidebar", "NO_MODEL", "load", "data_summary", "widget", "remember", "recalled", "predict", "observed", "unmeasured_pairs", "loadings",
     "enrichment", "embedding", "comparison", "chart", "figure_downloads", "table_download", "show_table", "guarded",
     "mask_truth", "run_bundles", "demo_bundles", "RUNS_DIR", "io",
 ]

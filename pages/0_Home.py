@@ -1,4 +1,4 @@
-"""SAMS Explorer: the dashboard's front door (``streamlit run app.py``)."""
+"""Home: the chosen screen at a glance, and the chosen model's training history and metrics."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import sams_core
 from explorer import state as S
 from sams_core import plots
 
-st.set_page_config(page_title="SAMS Explorer", layout="wide")
 st.title("SAMS Explorer")
 st.caption(f"sams_core {sams_core.__version__}")
 st.write(
@@ -17,9 +16,25 @@ st.write(
     "in the sidebar (the shipped demo is a simulated screen with its answer key), then open a page."
 )
 
-sel = S.choose()
-manifest = sel.manifest() if sel is not None else None
+sel = S.selection()
+if sel.data_src is None:
+    st.info(sel.problem)
+    st.stop()
+manifest = sel.manifest()
 if manifest is None:
+    counts = S.guarded(lambda: S.data_summary(*sel.data_src))
+    if counts is None:
+        st.stop()
+    st.subheader(sel.data_label)
+    c = st.columns(5)
+    c[0].metric("Cells", f"{counts.cells:,}")
+    c[1].metric("Genes", f"{counts.genes:,}")
+    c[2].metric("Perturbations", counts.perturbations)
+    c[3].metric("Combinations", counts.combinations)
+    c[4].metric("Control cells", f"{counts.control_cells:,}")
+    if sel.model_name is None:
+        st.info(S.NO_MODEL)
+        st.page_link("pages/6_Train.py", label="Train a model on this screen", icon=":material/model_training:")
     st.stop()
 
 # What the bundle's manifest holds is shown first; the screen's counts after, so the first chart

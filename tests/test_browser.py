@@ -77,3 +77,30 @@ def test_every_page_renders_charts(server, tmp_path):
                 page.close()
         finally:
             browser.close()
+
+
+def test_selection_survives_navigation(server):
+    """Choose a model on Home, then go round the sidebar's links: the model stays chosen on every
+    page (Streamlit forgets keyed widgets a page does not draw; the entry script draws them)."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync"])
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(server, wait_until="networkidle")
+            page.wait_for_selector(".main-svg", timeout=180_000)
+            page.locator('[data-testid="stSidebar"] [data-testid="stSelectbox"]').first.click()
+            page.get_by_role("option", name="cpa_vae").click()
+            page.get_by_text("CPA-VAE").first.wait_for(timeout=60_000)
+            for _ in range(2):
+                for name in ("Masks", "Latent space", "Compose", "Home"):
+                    page.locator('[data-testid="stSidebarNav"] a', has_text=name).first.click()
+                    page.wait_for_selector("h1", timeout=60_000)
+                    page.get_by_text("CPA-VAE").first.wait_for(timeout=240_000)
+                    assert "model=cpa_vae" in page.url, (name, page.url)
+                    assert not page.query_selector_all('[data-testid="stException"]'), name
+        finally:
+            browser.close()

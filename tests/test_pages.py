@@ -55,9 +55,7 @@ def test_home_summary_and_query_params():
     labels = [m.label for m in at.metric]
     assert "Cells" in labels and "Combinations" in labels
     assert at.query_params["dataset"] == ["demo"] or at.query_params["dataset"] == "demo"
-    at.selectbox(key="w_model").select("cpa_vae").run()
-    ok(at)
-    assert "CPA-VAE" in " ".join(s.value for s in at.subheader)
+    assert "SAMS-VAE" in " ".join(s.value for s in at.subheader)
 
 
 def test_query_params_reopen_view():
@@ -69,13 +67,15 @@ def test_query_params_reopen_view():
 
 
 def test_bad_upload_shows_error():
-    at = run("app.py")
-    at.radio(key="w_dataset").set_value("upload").run()
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=120)
+    at.query_params["dataset"] = "upload"
     at.session_state["upload_data"] = ("screen.h5ad", (DEMO / "screen.h5ad").read_bytes())
     at.session_state["upload_models"] = {"broken.sams": b"this is not a bundle"}
     at.run()
     assert not at.exception
     assert at.error, "a broken bundle must show an error"
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=120)
+    at.query_params["dataset"] = "upload"
     at.session_state["upload_data"] = ("bad.h5ad", b"not hdf5 at all")
     at.session_state["upload_models"] = {"m.sams": (DEMO / "cpa_vae.sams").read_bytes()}
     at.run()
@@ -145,3 +145,17 @@ def test_train_page_trains_and_saves(tmp_path, monkeypatch):
     ok(at)
     assert list(tmp_path.glob("*.sams"))
     assert at.success
+
+
+def test_a_screen_without_a_model_opens_on_home(tmp_path, screen):
+    adata, _ = screen
+    path = tmp_path / "mine.h5ad"
+    adata.write_h5ad(path)
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=120)
+    at.query_params["dataset"] = "path"
+    at.query_params["data_path"] = str(path)
+    at.run()
+    ok(at)
+    labels = [m.label for m in at.metric]
+    assert "Cells" in labels
+    assert any("No model for this screen yet" in i.value for i in at.info)

@@ -1,0 +1,25 @@
+"""SAMS Explorer: the dashboard's entry point (``streamlit run app.py``).
+
+Draws the navigation and the sidebar's screen and model choosers once for every page, so the
+selection survives any page change, reload or shared URL, then runs the chosen page.
+"""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from explorer import state as S
+
+st.set_page_config(page_title="SAMS Explorer", layout="wide")
+PAGES = [
+    st.Page("pages/0_Home.py", title="Home", icon=":material/home:", default=True),
+    st.Page("pages/1_Masks.py", title="Masks", icon=":material/grid_on:"),
+    st.Page("pages/2_Latent_space.py", title="Latent space", icon=":material/scatter_plot:", url_path="Latent_space"),
+    st.Page("pages/3_Gene_programs.py", title="Gene programs", icon=":material/genetics:", url_path="Gene_programs"),
+    st.Page("pages/4_Compose.py", title="Compose", icon=":material/join:"),
+    st.Page("pages/5_Compare.py", title="Compare", icon=":material/leaderboard:"),
+    st.Page("pages/6_Train.py", title="Train", icon=":material/model_training:"),
+]
+page = st.navigation(PAGES)
+with S.drawn_sidebar(S.choose()):
+    page.run()
