@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import numpy as np
-import pandas as pd
 import streamlit as st
 
 from explorer import state as S
 from sams_core import plots
-from sams_core.data.screen import canonical_label
-from sams_core.evaluation.baselines import additive_baseline
+from sams_core.interpret.effects import compare_with_data
+from sams_core.labels import split_label
 
 st.set_page_config(page_title="Compose · SAMS Explorer", layout="wide")
 st.title("Compose")
@@ -21,7 +19,8 @@ perts = bundle.perturbations
 measured = set(ctx.measured())
 held = set(bundle.split_spec.get("test_conditions", []))
 combos = data.combinations()
-default = [m for m in (sorted(held)[0] if held else (combos[0] if combos else perts[0])).split("+") if m in perts] or perts[:1]
+first = min(held) if held else (combos[0] if combos else perts[0])
+default = [m for m in split_label(first) if m in perts] or perts[:1]
 
 c1, c2 = st.columns([2, 1])
 members = S.widget(c1.multiselect, "Perturbations", "compose_members", default, perts,
@@ -44,15 +43,14 @@ pred = S.guarded(lambda: S.predict(ctx.model_key, bundle, tuple(sorted(dose.item
 if pred is None:
     st.stop()
 table = pred.table()
-label = canonical_label(list(dose), perts) if all(v == 1.0 for v in dose.values()) else pred.label
-is_measured = label in measured
-status = "held out (test)" if label in held else ("measured (train/val)" if is_measured else "not measured")
+label = pred.label  # canonical at unit dosages, so it matches the screen's labels
+status = "held out (test)" if label in held else ("measured (train/val)" if label in measured else "not measured")
 st.subheader(f"{pred.label} — {status}")
 m = st.columns(4)
 m[0].metric("Interaction score", f"{pred.interaction_score:.3f}", help="‖combination − sum of singles‖ / ‖combination‖ (0 = additive)")
-m[1].metric("Effect norm", f"{np.linalg.norm(pred.mean):.2f}")
-m[2].metric("Mean interval width", f"{float((pred.upper - pred.lower).mean()):.3f}")
-m[3].metric("Genes with interval excluding 0", int(((pred.lower > 0) | (pred.upper < 0)).sum()))
+m[1].metric("Effect norm", f"{pred.effect_norm:.2f}")
+m[2].metric("Mean interval width", f"{pred.mean_interval_width:.3f}")
+m[3].metric("Genes with interval excluding 0", pred.n_genes_excluding_zero)
 
 a, b = st.columns(2)
 with a:
@@ -64,30 +62,23 @@ a, b = st.columns(2)
 with a:
     S.chart(plots.latent_shift_bar(pred.latent_shift, f"Latent shift · {pred.label}"), f"{pred.label}_latent_shift", "compose_shift")
 with b:
-    obs = S.observed(ctx.data_key, data)
-    if is_measured and label in obs.index:
-        S.chart(plots.observed_vs_predicted(obs.loc[label].to_numpy(), pred.mean, pred.genes, f"{pred.label}: observed vs predicted"),
+    cmp = compare_with_data(pred, S.observed(ctx.data_key, data))
+    if "observed" in cmp:
+        S.chart(plots.observed_vs_predicted(cmp["observed"].to_numpy(), pred.mean, pred.genes, f"{pred.label}: observed vs predicted"),
                 f"{pred.label}_observed_vs_predicted", "compose_obs")
     else:
         st.info(f"{pred.label} was not measured, so there is no observed effect to compare with.")
 
 if len(dose) > 1:
     st.markdown("**Against the sum of singles and the additive-in-data baseline**")
-    sum_singles = np.sum(list(pred.singles.values()), axis=0)
-    cmp = pd.DataFrame({"gene": pred.genes, "predicted": pred.mean, "sum of predicted singles": sum_singles})
-    if all(v == 1.0 for v in dose.values()):
-        add = additive_baseline(obs, [label]).iloc[0].to_numpy()
-        cmp["additive in data"] = add
-    if is_measured and label in obs.index:
-        cmp["observed"] = obs.loc[label].to_numpy()
     a, b = st.columns(2)
     with a:
-        S.chart(plots.observed_vs_predicted(cmp["sum of predicted singles"].to_numpy(), pred.mean, pred.genes, "Sum of singles vs combination")
-                .update_xaxes(title="sum of predicted singles (log2 FC)"), f"{pred.label}_vs_sum_of_singles", "compose_sum")
+        S.chart(plots.observed_vs_predicted(cmp["sum of predicted singles"].to_numpy(), pred.mean, pred.genes, "Sum of singles vs combination",
+                                            x_title="sum of predicted singles (log2 FC)"), f"{pred.label}_vs_sum_of_singles", "compose_sum")
     with b:
-        if "additive in data" in cmp and np.isfinite(cmp["additive in data"]).any():
-            S.chart(plots.observed_vs_predicted(cmp["additive in data"].to_numpy(), pred.mean, pred.genes, "Additive-in-data vs model")
-                    .update_xaxes(title="sum of observed singles (log2 FC)"), f"{pred.label}_vs_additive", "compose_add")
+        if "additive in data" in cmp:
+            S.chart(plots.observed_vs_predicted(cmp["additive in data"].to_numpy(), pred.mean, pred.genes, "Additive-in-data vs model",
+                                                x_title="sum of observed singles (log2 FC)"), f"{pred.label}_vs_additive", "compose_add")
     with st.expander("Per-gene table"):
         S.show_table(cmp.merge(table, on="gene"), f"{pred.label}_comparison", "compose_cmp", height=300)
 else:

@@ -1,4 +1,4 @@
-"""Command line: ``python -m sams_core {train,evaluate,predict,simulate,build-demo} ...``.
+"""Command line: ``python -m sams_core {train,evaluate,predict,write-back,simulate,build-demo} ...``.
 
 For people who train on a cluster and only browse in the app. Every subcommand explains its
 options with ``--help``; bad input ends with the message of the problem and exit code 2.
@@ -134,6 +134,16 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--seed", type=int, default=0, help="seed (default 0)")
     pr.add_argument("--out", default=None, help="CSV file (default: print to stdout)")
 
+    w = sub.add_parser("write-back", help="write a bundle's latents, masks and embeddings into the screen's AnnData",
+                       description="Read the screen the bundle was trained on, write the cells' latents to obsm['X_sams'] "
+                       "(and obsm['X_sams_basal']) and the model's mask probabilities and embeddings to uns['sams'], "
+                       "and save the annotated AnnData (atomically) for scanpy.")
+    w.add_argument("bundle", help="a .sams bundle file or folder")
+    w.add_argument("--data", required=True, help="the .h5ad screen the bundle was trained on")
+    w.add_argument("--out", required=True, help="the annotated .h5ad file to write (may be the --data file itself)")
+    w.add_argument("--key", default="X_sams", help="obsm key of the latents (default X_sams)")
+    w.add_argument("--loadings", action="store_true", help="also store each latent unit's gene loadings in uns['sams']")
+
     sub.add_parser("simulate", help="simulate a screen with ground truth (see simulate --help)", add_help=False)
     sub.add_parser("build-demo", help="rebuild the shipped demo screen and bundles in assets/demo (see build-demo --help)", add_help=False)
     return ap
@@ -248,6 +258,23 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_write_back(args: argparse.Namespace) -> int:
+    from sams_core.data.screen import read_anndata
+    from sams_core.interpret.programs import unit_loadings
+    from sams_core.interpret.writeback import write_back, write_h5ad
+    from sams_core.io.bundle import load_bundle
+    from sams_core.pipeline import data_for_bundle
+
+    bundle = load_bundle(args.bundle)
+    adata = read_anndata(args.data)
+    data = data_for_bundle(bundle, adata)
+    loadings = unit_loadings(bundle, data) if args.loadings else None
+    write_back(adata, bundle, data, loadings, key=args.key)
+    out = write_h5ad(adata, args.out)
+    print(f"wrote {out}: obsm[{args.key!r}] ({adata.n_obs} cells × {adata.obsm[args.key].shape[1]} latents), uns['sams']", file=sys.stderr)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -262,7 +289,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     args.argv = argv  # --devices relaunches the same command line under torchrun
     try:
-        return {"train": _cmd_train, "evaluate": _cmd_evaluate, "predict": _cmd_predict}[args.command](args)
+        return {"train": _cmd_train, "evaluate": _cmd_evaluate, "predict": _cmd_predict, "write-back": _cmd_write_back}[args.command](args)
     except SamsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -210,18 +210,20 @@ def effect_volcano(table: pd.DataFrame, title: str | None = None, n_labels: int 
     return _layout(fig, title or "Effect vs uncertainty", height=420)
 
 
-def observed_vs_predicted(observed: np.ndarray, predicted: np.ndarray, genes: Sequence[str], title: str = "Observed vs predicted") -> go.Figure:
-    """Per-gene observed against predicted effect, with Pearson r in the title."""
+def observed_vs_predicted(observed: np.ndarray, predicted: np.ndarray, genes: Sequence[str], title: str = "Observed vs predicted",
+                          x_title: str = "observed log2 fold change") -> go.Figure:
+    """Per-gene observed (or another reference, named by ``x_title``) against predicted effect,
+    with Pearson r in the title."""
     o = np.asarray(observed, dtype=float)
     p = np.asarray(predicted, dtype=float)
     ok = np.isfinite(o) & np.isfinite(p)
     r = float(np.corrcoef(o[ok], p[ok])[0, 1]) if ok.sum() > 2 and o[ok].std() > 0 and p[ok].std() > 0 else float("nan")
     fig = go.Figure(go.Scatter(x=o, y=p, mode="markers", text=list(genes), marker=dict(size=6, opacity=0.7),
-                               hovertemplate="%{text}<br>observed %{x:.3f}<br>predicted %{y:.3f}<extra></extra>"))
+                               hovertemplate="%{text}<br>" + x_title + " %{x:.3f}<br>predicted %{y:.3f}<extra></extra>"))
     lo = float(np.nanmin(np.concatenate([o, p]))) if o.size else 0.0
     hi = float(np.nanmax(np.concatenate([o, p]))) if o.size else 1.0
     fig.add_trace(go.Scatter(x=[lo, hi], y=[lo, hi], mode="lines", line=dict(dash="dash", color="grey"), showlegend=False, hoverinfo="skip"))
-    fig.update_xaxes(title="observed log2 fold change")
+    fig.update_xaxes(title=x_title)
     fig.update_yaxes(title="predicted log2 fold change")
     fig.update_layout(showlegend=False)
     return _layout(fig, f"{title} (r = {r:.3f})", height=420)

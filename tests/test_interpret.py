@@ -11,8 +11,9 @@ from sams_core.errors import SamsError
 from sams_core.evaluation.metrics import effect_scores
 from sams_core.interpret.programs import effect_enrichment, program_collection, unit_enrichment, top_genes, unit_loadings
 from sams_core.plots import heatmap_orders
-from sams_core.interpret.effects import perturbation_distances, rank_unmeasured_pairs, combination_label, predict_effect
-from sams_core.interpret.writeback import write_back
+from sams_core.interpret.effects import compare_with_data, perturbation_distances, predict_effect, rank_unmeasured_pairs
+from sams_core.interpret.writeback import write_back, write_h5ad
+from sams_core.labels import combination_label
 from sams_core.evaluation.baselines import additive_baseline, diversity_check, mean_baseline, observed_effects
 from sams_core.pipeline import SplitSpec, train_bundle
 from sams_core.training.trainer import TrainConfig
@@ -30,8 +31,8 @@ def fitted(screen):
 
 def test_effect_of_unmeasured_combination_with_interval(fitted):
     data, bundle = fitted
-    pred = predict_effect(bundle, "KLF1+TAL1", n_globals=50, n_per_global=4)
-    assert pred.label == "KLF1+TAL1" and "KLF1+TAL1" not in set(data.labels)
+    pred = predict_effect(bundle, "TAL1+KLF1", n_globals=50, n_per_global=4)
+    assert pred.label == "KLF1+TAL1" and "KLF1+TAL1" not in set(data.labels), "the canonical label, in the model's order"
     assert pred.mean.shape == (data.n_genes,)
     assert np.all(pred.lower <= pred.mean + 1e-9) and np.all(pred.mean <= pred.upper + 1e-9)
     np.testing.assert_allclose(
@@ -55,12 +56,31 @@ def test_predicted_single_tracks_observed(fitted):
     assert r > 0.8, r
 
 
+def test_compare_with_data_and_summary_numbers(fitted):
+    data, bundle = fitted
+    obs = observed_effects(data)
+    pred = predict_effect(bundle, "KLF1+GATA1", n_globals=30, n_per_global=4)
+    assert pred.label == "GATA1+KLF1" and pred.unit_dosages
+    t = compare_with_data(pred, obs)
+    assert list(t.columns) == ["gene", "predicted", "sum of predicted singles", "additive in data", "observed"]
+    np.testing.assert_allclose(t["sum of predicted singles"], pred.singles["GATA1"] + pred.singles["KLF1"])
+    np.testing.assert_allclose(t["observed"], obs.loc["GATA1+KLF1"])
+    np.testing.assert_allclose(t["additive in data"], additive_baseline(obs, ["GATA1+KLF1"]).iloc[0])
+    assert pred.effect_norm == pytest.approx(np.linalg.norm(pred.mean))
+    assert pred.mean_interval_width == pytest.approx((pred.upper - pred.lower).mean())
+    assert pred.n_genes_excluding_zero == int(((pred.lower > 0) | (pred.upper < 0)).sum())
+    half = compare_with_data(predict_effect(bundle, {"GATA1": 0.5, "KLF1": 1}, n_globals=10, n_per_global=2), obs)
+    assert list(half.columns) == ["gene", "predicted", "sum of predicted singles"], "no data at other dosages"
+
+
 def test_dosage_changes_effect_and_errors(fitted):
     _, bundle = fitted
     full = predict_effect(bundle, {"SPI1": 1.0}, n_globals=30, n_per_global=4)
     half = predict_effect(bundle, {"SPI1": 0.5}, n_globals=30, n_per_global=4)
     assert np.abs(half.mean).sum() < np.abs(full.mean).sum()
     assert combination_label({"SPI1": 0.5, "KLF1": 1}) == "SPI1:0.5+KLF1"
+    assert half.label == "SPI1:0.5" and half.dosages == {"SPI1": 0.5} and not half.unit_dosages
+    assert predict_effect(bundle, "SPI1:0.5", n_globals=30, n_per_global=4).label == "SPI1:0.5"
     with pytest.raises(SamsError, match="Unknown perturbation"):
         predict_effect(bundle, "NOPE")
     with pytest.raises(SamsError, match="at least one"):
@@ -124,6 +144,39 @@ def test_write_back_opens_in_scanpy(fitted, screen):
     assert ax is not None and len(ax.collections) > 0
     with pytest.raises(SamsError, match="same screen"):
         write_back(a[:10].copy(), bundle, data)
+
+
+def test_write_back_command_writes_an_annotated_h5ad(fitted, screen_path, tmp_path):
+    import anndata as ad
+
+    from sams_core.cli import main
+    from sams_core.io.bundle import save_bundle
+
+    data, bundle = fitted
+    path = save_bundle(tmp_path / "model.sams", bundle.model, bundle.manifest)
+    out = tmp_path / "annotated.h5ad"
+    assert main(["write-back", str(path), "--data", str(screen_path), "--out", str(out)]) == 0
+    a = ad.read_h5ad(out)
+    assert a.obsm["X_sams"].shape == (data.n_cells, 4) and "X_sams_basal" in a.obsm
+    assert a.uns["sams"]["mask_probs"].shape == (6, 4) and list(a.uns["sams"]["mask_rows"]) == bundle.mask_rows
+    assert a.n_obs == ad.read_h5ad(screen_path).n_obs and "perturbation" in a.obs
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["annotated.h5ad", "model.sams"], "no temporary file left"
+    assert main(["write-back", str(path), "--data", str(screen_path), "--out", str(tmp_path / "x.csv")]) == 2
+
+
+def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
+    import anndata as ad
+
+    out = tmp_path / "a.h5ad"
+    write_h5ad(ad.AnnData(np.ones((2, 2), dtype=np.float32)), out)
+
+    class Broken(ad.AnnData):
+        def write_h5ad(self, *args, **kwargs):
+            raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        write_h5ad(Broken(np.zeros((3, 2), dtype=np.float32)), out)
+    assert ad.read_h5ad(out).n_obs == 2 and [p.name for p in tmp_path.iterdir()] == ["a.h5ad"]
 
 
 def test_unit_and_effect_enrichment_find_true_programs():

@@ -26,7 +26,7 @@ from sams_core.data import contract
 from sams_core.errors import SamsError
 from sams_core.labels import CONTROL_LABELS, SEPARATORS, dosage_rows, split_label
 
-__all__ = ["CONTROL_LABELS", "PerturbationData", "from_anndata", "read_h5ad", "select_genes"]
+__all__ = ["CONTROL_LABELS", "PerturbationData", "from_anndata", "read_anndata", "read_h5ad", "select_genes"]
 
 #: Cells or genes picked by position, by boolean mask, or (genes) by name.
 Selection = Sequence[int] | Sequence[bool] | Sequence[str] | np.ndarray | slice
@@ -258,15 +258,20 @@ def select_genes(data: PerturbationData, n_top_genes: int) -> PerturbationData:
     return out.replace(settings={**out.settings, "n_top_genes": int(n_top_genes)})
 
 
-def read_h5ad(path: str | Path, **kwargs: Any) -> PerturbationData:
-    """Read an ``.h5ad`` file into :class:`PerturbationData` (see :func:`from_anndata`)."""
+def read_anndata(path: str | Path) -> Any:
+    """The AnnData of an ``.h5ad`` file, as it is (no checks of its content), with the data
+    contract's messages for a missing, misnamed or damaged file."""
     import anndata as ad
 
     p = contract.check_path(path)
     try:
-        adata = ad.read_h5ad(p)
+        return ad.read_h5ad(p)
     except Exception as exc:  # h5py / anndata raise many types for corrupt files
         raise contract.unreadable(p, exc) from exc
-    data = from_anndata(adata, **kwargs)
-    data.settings["source"] = str(p)
+
+
+def read_h5ad(path: str | Path, **kwargs: Any) -> PerturbationData:
+    """Read an ``.h5ad`` file into :class:`PerturbationData` (see :func:`from_anndata`)."""
+    data = from_anndata(read_anndata(path), **kwargs)
+    data.settings["source"] = str(Path(path))
     return data

@@ -1,48 +1,52 @@
-"""Predicted effects of any combination, their interaction, and data-only baselines.
+"""What a model predicts for combinations: effects, which pair to measure next, distances.
 
-Effects are log2 fold changes against control on the ATE scale of DESIGN §3, from posterior
-samples of the globals (mean and credible interval). Baselines need no model: no change, the
-additive-in-data sum of observed single effects, and the observed effect where measured.
+:func:`predict_effect` gives the per-gene effect of any combination (with dosages) as log2 fold
+changes against control on the ATE scale of DESIGN §3, from posterior samples of the globals
+(mean and credible interval), with its singles and their interaction; :func:`compare_with_data`
+sets it beside the sum of its singles, the additive-in-data baseline and the observed effect.
+:func:`rank_unmeasured_pairs` ranks the pairs not yet measured; :func:`perturbation_distances`
+compares perturbations by their masks or latent shifts. Combinations are named as in
+:mod:`sams_core.labels` ("A+B", "A:0.5+B", a member list or ``{name: dosage}``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 import torch
+from scipy.spatial.distance import pdist, squareform
 
-from sams_core.data.screen import dosage_rows, split_label
 from sams_core.errors import SamsError
+from sams_core.evaluation.baselines import additive_baseline
 from sams_core.evaluation.metrics import model_ate_draws
 from sams_core.io.bundle import ModelBundle
+from sams_core.labels import (
+    Combination,
+    as_dosages,
+    canonical_label,
+    combination_label,
+    dosage_rows,
+    split_label,
+)
 
-Combination = str | Mapping[str, float] | Sequence[str]
-
-
-def _as_dict(combo: Combination) -> dict[str, float]:
-    if isinstance(combo, str):
-        return {m: 1.0 for m in split_label(combo)}
-    if isinstance(combo, Mapping):
-        return {str(k): float(v) for k, v in combo.items() if float(v) != 0.0}
-    return {str(m): 1.0 for m in combo}
-
-
-def combination_label(combo: Combination) -> str:
-    """A readable label: "A+B", with dosages other than 1 as "A:0.5"."""
-    d = _as_dict(combo)
-    if not d:
-        return "control"
-    return "+".join(k if v == 1.0 else f"{k}:{v:g}" for k, v in d.items())
+__all__ = [
+    "EffectPrediction",
+    "compare_with_data",
+    "perturbation_distances",
+    "predict_effect",
+    "rank_unmeasured_pairs",
+]
 
 
 @dataclass
 class EffectPrediction:
     """Predicted per-gene effect of one combination, its singles and their interaction."""
 
-    label: str
+    label: str  # canonical for unit dosages ("GATA1+KLF1"), else with dosages ("KLF1:0.5")
+    dosages: dict[str, float]  # member → dosage
     genes: list[str]
     mean: np.ndarray  # [G] posterior mean log2 fold change
     lower: np.ndarray  # [G] credible interval
@@ -59,6 +63,31 @@ class EffectPrediction:
             return 0.0
         denom = float(np.linalg.norm(self.mean))
         return float(np.linalg.norm(self.interaction) / denom) if denom > 0 else 0.0
+
+    @property
+    def effect_norm(self) -> float:
+        """Euclidean norm of the mean effect over genes (how much the combination moves expression)."""
+        return float(np.linalg.norm(self.mean))
+
+    @property
+    def mean_interval_width(self) -> float:
+        """Width of the credible interval, averaged over genes (the prediction's uncertainty)."""
+        return float((self.upper - self.lower).mean())
+
+    @property
+    def n_genes_excluding_zero(self) -> int:
+        """Genes whose credible interval lies wholly above or below 0."""
+        return int(((self.lower > 0) | (self.upper < 0)).sum())
+
+    @property
+    def unit_dosages(self) -> bool:
+        """Whether every member is at dosage 1 (a condition a screen can hold)."""
+        return all(v == 1.0 for v in self.dosages.values())
+
+    @property
+    def sum_of_singles(self) -> np.ndarray:
+        """[G] the sum of the members' own predicted effects (the additive expectation)."""
+        return np.sum(list(self.singles.values()), axis=0)
 
     def table(self) -> pd.DataFrame:
         """One row per gene: effect, interval, interaction, and each single's effect."""
@@ -88,7 +117,7 @@ def predict_effect(
     """
     if not 0 < level < 1:
         raise SamsError(f"Credible level must be between 0 and 1, got {level}.")
-    members = _as_dict(combo)
+    members = as_dosages(combo, bundle.perturbations)
     if not members:
         raise SamsError("Pick at least one perturbation: the control has no effect to predict.")
     rows = [members] + ([{m: v} for m, v in members.items()] if len(members) > 1 else [])
@@ -104,7 +133,8 @@ def predict_effect(
         dev = bundle.model.input_mean.device
         shift = bundle.model.latent_shift(torch.as_tensor(d[:1], device=dev))[0].cpu().numpy()
     return EffectPrediction(
-        label=combination_label(members),
+        label=combination_label(members, bundle.perturbations),
+        dosages=dict(members),
         genes=bundle.genes,
         mean=main.mean(0),
         lower=np.quantile(main, q, axis=0),
@@ -114,6 +144,27 @@ def predict_effect(
         interaction=interaction,
         level=level,
     )
+
+
+def compare_with_data(prediction: EffectPrediction, observed: pd.DataFrame | None = None) -> pd.DataFrame:
+    """One row per gene: the predicted effect beside what it can be checked against.
+
+    Columns: ``gene``, ``predicted``, ``sum of predicted singles``; ``additive in data`` (the sum
+    of the members' observed effects, :func:`~sams_core.evaluation.baselines.additive_baseline`)
+    when the combination is at unit dosages and every member was measured alone; ``observed``
+    when the combination itself was measured. ``observed`` is the table of
+    :func:`~sams_core.evaluation.baselines.observed_effects` (rows = condition labels).
+    """
+    t = pd.DataFrame({"gene": prediction.genes, "predicted": prediction.mean, "sum of predicted singles": prediction.sum_of_singles})
+    if observed is None:
+        return t
+    if prediction.unit_dosages and len(prediction.dosages) > 1:
+        add = additive_baseline(observed, [prediction.label]).iloc[0].to_numpy()
+        if np.isfinite(add).any():
+            t["additive in data"] = add
+    if prediction.label in observed.index:
+        t["observed"] = observed.loc[prediction.label].to_numpy()
+    return t
 
 
 # ---------------------------------------------------------------------------------------------
@@ -133,10 +184,9 @@ def rank_unmeasured_pairs(
     singles, relative to the combination's norm), the mean width of the 90 % interval of the
     combination's effect (uncertainty), and their ranks (1 = strongest / most uncertain).
     """
-    meas = set(map(str, measured))
+    meas = {canonical_label(split_label(m), bundle.perturbations) for m in map(str, measured)}
     singles = [p for p in bundle.perturbations if p in meas]
-    pairs = [(a, b) for i, a in enumerate(singles) for b in singles[i + 1 :]]
-    pairs = [(a, b) for a, b in pairs if "+".join(sorted((a, b))) not in meas and f"{a}+{b}" not in meas and f"{b}+{a}" not in meas]
+    pairs = [(a, b) for i, a in enumerate(singles) for b in singles[i + 1 :] if canonical_label((a, b), bundle.perturbations) not in meas]
     cols = ["pair", "interaction_score", "uncertainty", "effect_norm", "rank_interaction", "rank_uncertainty"]
     if not pairs:
         return pd.DataFrame(columns=cols)
@@ -154,7 +204,7 @@ def rank_unmeasured_pairs(
             mean = eff.mean(0)
             norm = float(np.linalg.norm(mean))
             width = float((np.quantile(eff, 0.95, axis=0) - np.quantile(eff, 0.05, axis=0)).mean())
-            out.append({"pair": f"{a}+{b}", "interaction_score": float(np.linalg.norm(inter)) / norm if norm > 0 else 0.0, "uncertainty": width, "effect_norm": norm})
+            out.append({"pair": canonical_label((a, b), bundle.perturbations), "interaction_score": float(np.linalg.norm(inter)) / norm if norm > 0 else 0.0, "uncertainty": width, "effect_norm": norm})
     t = pd.DataFrame(out)
     t["rank_interaction"] = t["interaction_score"].rank(ascending=False, method="min").astype(int)
     t["rank_uncertainty"] = t["uncertainty"].rank(ascending=False, method="min").astype(int)
@@ -162,12 +212,10 @@ def rank_unmeasured_pairs(
 
 
 # ---------------------------------------------------------------------------------------------
-# perturbation similarity and heatmap orders
+# perturbation similarity
 def perturbation_distances(bundle: ModelBundle, by: str = "mask") -> pd.DataFrame:
     """Distances between the model's mask rows: Jaccard-like on mask probabilities (``mask``) or
     Euclidean between expected latent shifts (``shift``)."""
-    from scipy.spatial.distance import pdist, squareform
-
     names = bundle.mask_rows
     model = bundle.model
     with torch.no_grad():
