@@ -59,7 +59,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from sams_core.data.screen import PerturbationData
 from sams_core.models.registry import FAMILY_LABELS
 from sams_core.models.base import PerturbationModel
-from sams_core.training.trainer import TrainConfig, build_for_data, fit
+from sams_core.training.build import build_for_data
+from sams_core.training.trainer import TrainConfig, fit
 
 FULL = dict(cells=111_000, genes=5_000, latent=200, perturbations=105, combinations=130, hidden=400, epochs=3)
 SMALL = dict(cells=5_000, genes=500, latent=50, perturbations=105, combinations=130, hidden=400, epochs=3)

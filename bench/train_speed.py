@@ -24,7 +24,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from sams_core.data.screen import PerturbationData
-from sams_core.training.trainer import TrainConfig, build_for_data, fit
+from sams_core.training.build import build_for_data
+from sams_core.training.trainer import TrainConfig, fit
 
 
 def reference_data(n_cells: int, n_genes: int, n_perts: int, seed: int = 0) -> PerturbationData:

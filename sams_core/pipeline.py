@@ -15,11 +15,10 @@ import numpy as np
 import pandas as pd
 
 from sams_core.data.screen import PerturbationData, from_anndata, read_h5ad
-from sams_core.data.splits import make_split
+from sams_core.data.splits import TRAIN, make_split
 from sams_core.errors import SamsError
 from sams_core.evaluation.metrics import Evaluation, evaluate_model
 from sams_core.io.bundle import ModelBundle, load_bundle, make_manifest, save_bundle
-from sams_core.models.svae import SVAEPlus
 from sams_core.training.trainer import ProgressFn, TrainConfig, TrainResult, train
 
 
@@ -76,10 +75,7 @@ def train_bundle(
             split_name: {k: (None if pd.isna(v) else float(v)) for k, v in row.items()}
             for split_name, row in evaluation.metrics.iterrows()
         }
-    conditions = None
-    if isinstance(model, SVAEPlus):
-        train_labels = data.labels[split == "train"]
-        conditions = sorted({str(x) for x in train_labels if x != "control"})
+    conditions = model.vocabulary(data.labels[split == TRAIN])
     manifest = make_manifest(
         model,
         genes=data.genes,

@@ -13,7 +13,8 @@ from sams_core.data.splits import make_split
 from sams_core.models.distributions import Likelihood, nb_log_prob, poisson_log_prob, relaxed_bernoulli_st
 from sams_core.evaluation.metrics import iwelbo
 from sams_core.models.registry import FAMILIES, build_model
-from sams_core.training.trainer import TrainConfig, build_for_data, fit, train
+from sams_core.training.build import build_for_data
+from sams_core.training.trainer import TrainConfig, fit, train
 
 
 def test_negative_binomial_and_poisson_match_scipy():

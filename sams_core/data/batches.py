@@ -15,7 +15,6 @@ from sams_core.data.backed import DEFAULT_CHUNK_SIZE, BackedMatrix
 from sams_core.data.screen import PerturbationData
 from sams_core.errors import SamsError
 from sams_core.models.base import Batch, PerturbationModel
-from sams_core.models.svae import SVAEPlus
 
 DENSE_LIMIT_BYTES = 4 * 1024**3
 
@@ -113,12 +112,9 @@ class DeviceData:
 
 
 def condition_ids(model: PerturbationModel, data: PerturbationData) -> np.ndarray:
-    """Each cell's index in the model's condition vocabulary (sVAE+), -1 for controls/unknown."""
-    if not isinstance(model, SVAEPlus):
-        return np.full(data.n_cells, -1, dtype=np.int64)
-    cd = model.cond_dosages.detach().cpu().numpy()
-    lookup = {row.tobytes(): i for i, row in enumerate(cd)}
-    return np.array([lookup.get(row.tobytes(), -1) for row in data.dosages.astype(np.float32)], dtype=np.int64)
+    """Each cell's index in the model's condition vocabulary, -1 for controls/unknown (all -1 for
+    a family without one; see :meth:`PerturbationModel.condition_ids`)."""
+    return model.condition_ids(data.dosages)
 
 
 def input_statistics(data: PerturbationData, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -3,7 +3,7 @@
 A bundle is one ``.sams`` file (a zip archive) or a folder holding ``manifest.json`` (model
 family, hyper-parameters, gene and perturbation names, data-contract settings, the split,
 training history, metrics, format version, SHA-256 of the weights) and ``weights.safetensors``
-(tensors only). Loading reads JSON and raw tensors, rebuilds the model from a fixed list of
+(tensors only). Loading reads JSON and raw tensors, rebuilds the model from the registered
 families, and refuses a bundle whose checksum, format or shapes do not match.
 """
 
@@ -33,8 +33,8 @@ from sams_core.io.manifest import (
     parse_manifest,
     read_parts,
 )
+from sams_core.models import registry
 from sams_core.models.base import PerturbationModel
-from sams_core.models.registry import FAMILIES, build_model
 
 
 @dataclass
@@ -143,7 +143,7 @@ def make_manifest(
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
             "sams_core_version": __version__,
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
             "family": model.family,
             "hparams": dict(model.hparams),
             "genes": list(genes),
@@ -195,8 +195,11 @@ def load_bundle(source: str | Path | bytes, device: str | torch.device | None = 
             "truncated. Re-export it from the trained model."
         )
     family = manifest.get("family")
-    if family not in FAMILIES:
-        raise SamsError(f"Unknown model family {family!r} in the bundle. Known: {', '.join(FAMILIES)}.")
+    if family not in registry.FAMILY_LABELS:
+        raise SamsError(
+            f"Unknown model family {family!r} in the bundle. Known: {', '.join(registry.FAMILY_LABELS)}. "
+            "Register the family (sams_core.models.registry.register) before loading, or update sams_core."
+        )
     hparams = manifest.get("hparams")
     if not isinstance(hparams, dict):
         raise SamsError("The bundle's manifest has no hyper-parameters. The file is damaged.")
@@ -205,7 +208,7 @@ def load_bundle(source: str | Path | bytes, device: str | torch.device | None = 
     except Exception as exc:  # safetensors raises its own error type for bad headers
         raise SamsError(f"The bundle's weights cannot be read ({exc}). The file is damaged.") from exc
     try:
-        model = build_model(family, **hparams)
+        model = registry.build_model(family, **hparams)
         model.load_state_dict(state, strict=True)
     except (TypeError, ValueError, RuntimeError) as exc:
         raise SamsError(f"The bundle's weights do not fit a {family} model with its hyper-parameters ({exc}).") from exc
@@ -216,4 +219,4 @@ def load_bundle(source: str | Path | bytes, device: str | torch.device | None = 
     return ModelBundle(model=model, manifest=manifest, path=path)
 
 
-__all__ = ["ModelBundle", "make_manifest", "save_bundle", "load_bundle", "FORMAT_VERSION"]
+__all__ = ["FORMAT_VERSION", "ModelBundle", "load_bundle", "make_manifest", "save_bundle"]

@@ -2,7 +2,7 @@
 reading its manifest (family, hyper-parameters, genes, perturbations, split, training history,
 metrics).
 
-This module needs neither PyTorch nor the model code, so a caller that only shows what a bundle
+This module needs neither PyTorch nor the model code (only the torch-free family registry), so a caller that only shows what a bundle
 holds (the dashboard's first screen, a file listing) does not pay for loading them.
 :func:`sams_core.io.bundle.load_bundle` builds the model on top of it.
 """
@@ -16,20 +16,12 @@ from pathlib import Path
 from typing import Any
 
 from sams_core.errors import SamsError
+from sams_core.models import registry
 
 FORMAT = "sams-bundle"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 WEIGHTS = "weights.safetensors"
-
-FAMILY_LABELS: dict[str, str] = {
-    "sams_vae": "SAMS-VAE",
-    "cpa_vae": "CPA-VAE",
-    "conditional_vae": "Conditional VAE",
-    "vae": "VAE",
-    "svae_plus": "sVAE+",
-}
-
 
 def _open(source: str | Path | bytes) -> tuple[Any, str, Path | None]:
     """What to hand to ``zipfile`` (or a folder path), how to name it in messages, its path."""
@@ -97,11 +89,9 @@ def read_manifest(source: str | Path | bytes) -> dict[str, Any]:
 
 
 def model_label(manifest: dict[str, Any]) -> str:
-    """Human name of a bundle's model, e.g. "SAMS-VAE (correlated)"."""
-    family = manifest.get("family", "?")
-    fam = FAMILY_LABELS.get(family, family)
-    guide = (manifest.get("hparams") or {}).get("guide")
-    return f"{fam} ({guide})" if guide and family == "sams_vae" else fam
+    """Human name of a bundle's model, e.g. "SAMS-VAE (correlated)" (the family's label from the
+    registry, with the options it shows; an unknown family by its name)."""
+    return registry.label(manifest)
 
 
 def metrics_table(manifest: dict[str, Any], digits: int | None = 4) -> list[list[str]]:
@@ -143,5 +133,16 @@ def csv_text(rows: list[list[str]]) -> str:
     return out.getvalue()
 
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "MANIFEST", "WEIGHTS", "FAMILY_LABELS", "read_parts", "parse_manifest",
-           "read_manifest", "model_label", "metrics_table", "markdown_table", "csv_text"]
+__all__ = [
+    "FORMAT",
+    "FORMAT_VERSION",
+    "MANIFEST",
+    "WEIGHTS",
+    "csv_text",
+    "markdown_table",
+    "metrics_table",
+    "model_label",
+    "parse_manifest",
+    "read_manifest",
+    "read_parts",
+]

@@ -10,17 +10,28 @@ A model is a plain ``torch.nn.Module`` built from a dictionary of hyper-paramete
 - :meth:`PerturbationModel.log_weights` — importance weights for the held-out IWELBO;
 - :meth:`PerturbationModel.latent` — posterior latent means of cells;
 - :meth:`PerturbationModel.mask_probs` — mask probabilities where the family has masks.
+
+What a family is (label, options, capabilities) is declared once in
+:mod:`sams_core.models.registry`; a model reads its capabilities from there (:attr:`spec`). Hooks
+with a do-nothing default let a family set itself up from the training cells without the trainer
+knowing it: :meth:`~PerturbationModel.data_hparams`, :meth:`~PerturbationModel.prepare_for_data`,
+:meth:`~PerturbationModel.vocabulary` and :meth:`~PerturbationModel.condition_ids`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
+import numpy as np
 import torch
 from torch import nn
 
+from sams_core.errors import SamsError
+from sams_core.models import registry
 from sams_core.models.distributions import Likelihood
+from sams_core.models.registry import FamilySpec
 
 
 @dataclass
@@ -60,6 +71,15 @@ def mlp(n_in: int, n_hidden: int, n_out: int, n_layers: int = 1) -> nn.Sequentia
     return nn.Sequential(*layers)
 
 
+def check_align_at(align_at: float | None) -> None:
+    """Refuse an alignment point that is not a fraction of the training budget in [0, 1) or None."""
+    if align_at is not None and not 0.0 <= align_at < 1.0:
+        raise SamsError(
+            f"align_at must be a fraction of the training budget in [0, 1) or None, got {align_at!r}. "
+            "Pass e.g. 0.25, or None to keep the latent basis as trained."
+        )
+
+
 class SplitInputMLP(nn.Module):
     """An MLP on the concatenation [a, b] whose first layer is split as W_a a + W_b b.
 
@@ -92,31 +112,91 @@ class SplitInputMLP(nn.Module):
         return self.forward_from(self.project_a(a), b)
 
 
+class ScreenCells(Protocol):
+    """What a family may read from a screen to set itself up: each cell's condition label
+    ("control", "A", "A+B") and the dosage row of a label
+    (:class:`sams_core.data.screen.PerturbationData` has both)."""
+
+    labels: np.ndarray
+
+    def dosage_row(self, label: str) -> np.ndarray: ...
+
+
 class PerturbationModel(nn.Module):
     """Common base: input standardisation, likelihood, data statistics and the interface."""
 
-    family: ClassVar[str] = "base"
-    has_masks: ClassVar[bool] = False
-    has_globals: ClassVar[bool] = False
-    composes: ClassVar[bool] = True  # predicts combinations from their members
+    family: ClassVar[str] = "base"  # the name the family is registered under
 
-    def __init__(self, n_genes: int, n_perturbations: int, n_latent: int, likelihood: str, **hparams: Any):
+    def __init__(
+        self,
+        n_genes: int,
+        n_perturbations: int,
+        n_latent: int = 15,
+        likelihood: str = "nb",
+        n_hidden: int = 350,
+        n_layers: int = 1,
+        **hparams: Any,
+    ):
+        """The hyper-parameters every family shares (latent units, likelihood, width and depth of
+        its networks); a family's own ones in ``hparams`` are recorded with them."""
         super().__init__()
         self.hparams: dict[str, Any] = {
             "n_genes": n_genes,
             "n_perturbations": n_perturbations,
             "n_latent": n_latent,
             "likelihood": likelihood,
+            "n_hidden": n_hidden,
+            "n_layers": n_layers,
             **hparams,
         }
         self.n_genes = n_genes
         self.n_perturbations = n_perturbations
         self.n_latent = n_latent
+        self.n_hidden = n_hidden
+        self.n_layers = n_layers
         self.likelihood = Likelihood(likelihood, n_genes)
         self.register_buffer("input_mean", torch.zeros(n_genes))
         self.register_buffer("input_std", torch.ones(n_genes))
         # cells per perturbation in the training split: global terms are charged 1/N_t per cell
         self.register_buffer("pert_counts", torch.ones(n_perturbations))
+
+    # ---- what the family is (declared once, in the registry) ---------------------------
+    @property
+    def spec(self) -> FamilySpec:
+        """This family's registry entry: label, options, capabilities."""
+        return registry.get(self.family)
+
+    @property
+    def has_masks(self) -> bool:
+        """Whether the family learns which latent units each perturbation acts on."""
+        return self.spec.capabilities.has_masks
+
+    @property
+    def composes(self) -> bool:
+        """Whether the family predicts a combination it never saw from its members."""
+        return self.spec.capabilities.composes_unseen_combinations
+
+    # ---- hooks: family-specific setup from the training cells ---------------------------
+    @classmethod
+    def vocabulary(cls, labels: Sequence[str] | np.ndarray) -> list[str] | None:
+        """The conditions a model of this family learns one by one, from the training cells'
+        labels (sorted, controls left out); None for a family without a condition vocabulary."""
+        return None
+
+    @classmethod
+    def data_hparams(cls, data: ScreenCells, train_idx: np.ndarray) -> dict[str, Any]:
+        """Hyper-parameters the family takes from the training cells ``train_idx`` of ``data``
+        (sizes of things learned per condition, say); none by default."""
+        return {}
+
+    def prepare_for_data(self, data: ScreenCells, train_idx: np.ndarray) -> None:
+        """Family-specific setup from the training cells, after the model is built and its
+        data statistics are set (:meth:`set_data_stats`); nothing by default."""
+
+    def condition_ids(self, dosages: np.ndarray) -> np.ndarray:
+        """Each dosage row's index in the model's condition vocabulary, -1 for none (controls,
+        unknown conditions, or a family without a vocabulary)."""
+        return np.full(len(dosages), -1, dtype=np.int64)
 
     # ---- data statistics -------------------------------------------------------------
     def encoder_input(self, x: torch.Tensor) -> torch.Tensor:

@@ -2,33 +2,32 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 
 from sams_core.models.base import Batch, LossOutput, PerturbationModel, SplitInputMLP
-from sams_core.models.distributions import kl_normal_std_normal, std_normal_log_prob
+from sams_core.models.distributions import (
+    kl_normal_std_normal,
+    mean_and_log_std,
+    reparam_normal_log_prob,
+    std_normal_log_prob,
+)
 
 
 class ConditionalVAE(PerturbationModel):
-    """z ~ N(0, I); x ~ likelihood(decoder([z, d])). Perturbations enter only through the decoder."""
+    """z ~ N(0, I); x ~ likelihood(decoder([z, d])). Perturbations enter only through the decoder.
+
+    ``n_latent``, ``likelihood``, ``n_hidden`` and ``n_layers`` go to :class:`PerturbationModel`.
+    """
 
     family = "conditional_vae"
 
-    def __init__(
-        self,
-        n_genes: int,
-        n_perturbations: int,
-        n_latent: int = 15,
-        likelihood: str = "nb",
-        n_hidden: int = 350,
-        n_layers: int = 1,
-        **extra: Any,
-    ):
-        super().__init__(n_genes, n_perturbations, n_latent, likelihood, n_hidden=n_hidden, n_layers=n_layers, **extra)
-        self.encoder = SplitInputMLP(n_genes, n_perturbations, n_hidden, 2 * n_latent, n_layers)
-        self.decoder = SplitInputMLP(n_latent, n_perturbations, n_hidden, n_genes, n_layers)
+    def __init__(self, n_genes: int, n_perturbations: int, **common: Any):
+        super().__init__(n_genes, n_perturbations, **common)
+        K, H, L = self.n_latent, self.n_hidden, self.n_layers
+        self.encoder = SplitInputMLP(n_genes, n_perturbations, H, 2 * K, L)
+        self.decoder = SplitInputMLP(K, n_perturbations, H, n_genes, L)
 
     def decode(self, z: torch.Tensor, d: torch.Tensor | None = None) -> torch.Tensor:
         if d is None:
@@ -36,8 +35,7 @@ class ConditionalVAE(PerturbationModel):
         return self.decoder(z, d)
 
     def _encode(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        mean, log_std = self.encoder(self.encoder_input(batch.x), batch.d).chunk(2, dim=-1)
-        return mean, log_std.clamp(-7.0, 3.0)
+        return mean_and_log_std(self.encoder(self.encoder_input(batch.x), batch.d))
 
     def loss(self, batch: Batch, n_particles: int = 5) -> LossOutput:
         mean, log_std = self._encode(batch)
@@ -55,7 +53,7 @@ class ConditionalVAE(PerturbationModel):
         z = mean + torch.exp(log_std) * eps
         out = self.decode(z, batch.d.expand(S, *batch.d.shape))
         log_px = self.likelihood.log_prob(batch.x, out, torch.log(batch.library))
-        log_qz = (-0.5 * eps * eps - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
+        log_qz = reparam_normal_log_prob(eps, log_std).sum(-1)
         return log_px + std_normal_log_prob(z).sum(-1) - log_qz
 
     def predict(self, d: torch.Tensor, globals_: dict[str, torch.Tensor], n_per_global: int = 1) -> torch.Tensor:

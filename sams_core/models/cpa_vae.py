@@ -11,11 +11,10 @@ class CPAVAE(SAMSVAE):
     """Every perturbation shifts every latent unit by its global embedding e_t ~ N(0, s² I)."""
 
     family = "cpa_vae"
-    has_masks = False
 
-    def __init__(self, n_genes: int, n_perturbations: int, n_latent: int = 15, likelihood: str = "nb", **kw: Any):
+    def __init__(self, n_genes: int, n_perturbations: int, **kw: Any):
         kw.pop("mask_prior", None)
         # no masks, so no basis to align: the prior terms keep the paper's weight throughout
         kw.setdefault("global_weight", 1.0)
         kw.setdefault("align_at", None)
-        super().__init__(n_genes, n_perturbations, n_latent, likelihood, **kw)
+        super().__init__(n_genes, n_perturbations, **kw)

@@ -13,8 +13,30 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-LIKELIHOODS: tuple[str, ...] = ("nb", "poisson", "gaussian")
+from sams_core.errors import SamsError
+from sams_core.models.registry import LIKELIHOODS
+
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
+LOG_STD_MIN, LOG_STD_MAX = -7.0, 3.0  # bounds of a network's log standard deviation
+
+
+def clamp_log_std(log_std: torch.Tensor) -> torch.Tensor:
+    """A network's log standard deviation kept in [LOG_STD_MIN, LOG_STD_MAX] (std from about 1e-3
+    to 20), so that a guide can neither collapse nor explode."""
+    return log_std.clamp(LOG_STD_MIN, LOG_STD_MAX)
+
+
+def mean_and_log_std(out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A Normal's mean and (clamped) log standard deviation from a network output [..., 2K]
+    whose first half is the mean and second half the log standard deviation."""
+    mean, log_std = out.chunk(2, dim=-1)
+    return mean, clamp_log_std(log_std)
+
+
+def reparam_normal_log_prob(eps: torch.Tensor, log_std: torch.Tensor) -> torch.Tensor:
+    """Elementwise log density of z = mean + exp(log_std)·eps under N(mean, exp(log_std)²), from
+    the standard-normal noise ``eps`` that drew it (the guide's log q of a reparametrised draw)."""
+    return -0.5 * eps * eps - log_std - _HALF_LOG_2PI
 
 
 def normal_log_prob(x: torch.Tensor, mean: torch.Tensor, log_std: torch.Tensor) -> torch.Tensor:
@@ -79,7 +101,7 @@ class Likelihood(nn.Module):
     def __init__(self, kind: str, n_genes: int):
         super().__init__()
         if kind not in LIKELIHOODS:
-            raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {kind!r}")
+            raise SamsError(f"Unknown likelihood {kind!r}. Choose one of: {', '.join(LIKELIHOODS)}.")
         self.kind = kind
         # inverse dispersion (nb) or log std (gaussian); unused for poisson
         self.gene_param = nn.Parameter(torch.zeros(n_genes) if kind != "nb" else torch.full((n_genes,), 1.0))

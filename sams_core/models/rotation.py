@@ -55,4 +55,19 @@ def sparsest_rotation(
     return q.float()
 
 
-__all__ = ["sparsest_rotation"]
+@torch.no_grad()
+def rotate_input(layer: torch.nn.Linear, rotation: torch.Tensor) -> None:
+    """Make a layer that reads a latent z read z' = z R instead (W ← W R), in place."""
+    layer.weight.copy_(layer.weight @ rotation)
+
+
+@torch.no_grad()
+def rotate_mean_head(layer: torch.nn.Linear, rotation: torch.Tensor) -> None:
+    """Make a layer whose first K outputs are a latent mean output the mean in the basis z' = z R
+    (those rows ← Rᵀ rows; the log-std rows are kept), in place."""
+    K = rotation.shape[0]
+    layer.weight[:K] = rotation.T @ layer.weight[:K]
+    layer.bias[:K] = rotation.T @ layer.bias[:K]
+
+
+__all__ = ["rotate_input", "rotate_mean_head", "sparsest_rotation"]

@@ -17,39 +17,42 @@ from typing import Any
 import torch
 from torch import nn
 
+from sams_core.errors import SamsError
 from sams_core.models.base import (
     Batch,
     LossOutput,
     PerturbationModel,
     SplitInputMLP,
+    check_align_at,
     mlp,
 )
 from sams_core.models.distributions import (
     kl_normal_std_normal,
+    mean_and_log_std,
     normal_log_prob,
     relaxed_bernoulli_st,
+    reparam_normal_log_prob,
     std_normal_log_prob,
 )
-from sams_core.models.rotation import sparsest_rotation
+from sams_core.models.registry import get as family_spec
+from sams_core.models.rotation import rotate_input, rotate_mean_head, sparsest_rotation
 
-GUIDES: tuple[str, ...] = ("mean-field", "correlated")
+GUIDES: tuple[str, ...] = family_spec("sams_vae").option("guide").choices or ()
 
 
 class SAMSVAE(PerturbationModel):
-    """SAMS-VAE with a mean-field or correlated guide over the global embeddings and masks."""
+    """SAMS-VAE with a mean-field or correlated guide over the global embeddings and masks.
+
+    ``n_latent``, ``likelihood``, ``n_hidden`` and ``n_layers`` go to :class:`PerturbationModel`.
+    """
 
     family = "sams_vae"
-    has_masks = True
-    has_globals = True
 
     def __init__(
         self,
         n_genes: int,
         n_perturbations: int,
-        n_latent: int = 15,
-        likelihood: str = "nb",
-        n_hidden: int = 350,
-        n_layers: int = 1,
+        *,
         guide: str = "mean-field",
         mask_prior: float = 0.01,
         embedding_prior_scale: float = 1.0,
@@ -61,17 +64,13 @@ class SAMSVAE(PerturbationModel):
         align_at: float | None = 0.25,
         warmup_global_weight: float = 1.0,
         align_mask_logit: float = 0.0,
-        **extra: Any,
+        **common: Any,
     ):
         if guide not in GUIDES:
-            raise ValueError(f"guide must be one of {GUIDES}, got {guide!r}")
+            raise SamsError(f"Unknown guide {guide!r}. Choose one of: {', '.join(GUIDES)}.")
         super().__init__(
             n_genes,
             n_perturbations,
-            n_latent,
-            likelihood,
-            n_hidden=n_hidden,
-            n_layers=n_layers,
             guide=guide,
             mask_prior=mask_prior,
             embedding_prior_scale=embedding_prior_scale,
@@ -83,10 +82,9 @@ class SAMSVAE(PerturbationModel):
             align_at=align_at,
             warmup_global_weight=warmup_global_weight,
             align_mask_logit=align_mask_logit,
-            **extra,
+            **common,
         )
-        if align_at is not None and not 0.0 <= align_at < 1.0:
-            raise ValueError(f"align_at must be a fraction of the training budget in [0, 1) or None, got {align_at!r}")
+        check_align_at(align_at)
         self.guide = guide
         self.use_masks = self.has_masks
         self.temperature = temperature
@@ -99,7 +97,7 @@ class SAMSVAE(PerturbationModel):
         self.log_alpha = math.log(mask_prior)
         self.log_1m_alpha = math.log1p(-mask_prior)
         self.log_s = math.log(embedding_prior_scale)
-        K, T = n_latent, n_perturbations
+        K, T, n_hidden, n_layers = self.n_latent, n_perturbations, self.n_hidden, self.n_layers
         # q(z_b | x, shift): since z = z_b + shift, the posterior of z_b is that of z moved by the
         # shift; the network reads x once per cell and the sampled shift enters the output
         # linearly (initialised to subtract it), so particles share all of the per-cell work.
@@ -126,9 +124,7 @@ class SAMSVAE(PerturbationModel):
         onehot_proj = self.e_net.proj_a.weight.t() + self.e_net.proj_a.bias  # [T, H]
         if m is None:
             m = torch.sigmoid(self.mask_logits) if self.use_masks else torch.ones(T, self.n_latent, device=onehot_proj.device)
-        out = self.e_net.forward_from(onehot_proj, m)
-        mean, log_std = out.chunk(2, dim=-1)
-        return mean, log_std.clamp(-7.0, 3.0)
+        return mean_and_log_std(self.e_net.forward_from(onehot_proj, m))
 
     def _globals_with_log_ratio(self, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Sample ``n`` shift tables [n, T, K] with the per-perturbation log p - log q [n, T]."""
@@ -144,7 +140,7 @@ class SAMSVAE(PerturbationModel):
         mean, log_std = self._embedding_params(m)
         eps = torch.randn(n, T, K, device=dev)
         e = mean + torch.exp(log_std) * eps
-        log_q_e = (-0.5 * eps * eps - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
+        log_q_e = reparam_normal_log_prob(eps, log_std).sum(-1)
         log_p_e = normal_log_prob(e, torch.zeros((), device=dev), torch.full((), self.log_s, device=dev)).sum(-1)
         log_ratio = log_ratio + log_p_e - log_q_e
         table = m * e if m is not None else e
@@ -201,11 +197,8 @@ class SAMSVAE(PerturbationModel):
         if R.shape != (K, K) or not torch.allclose(R.T @ R, torch.eye(K, device=R.device), atol=1e-4):
             raise ValueError(f"rotation must be an orthogonal {K} x {K} matrix")
         table = self.latent_shift(torch.eye(self.n_perturbations, device=R.device))  # [T, K]
-        first = self.decoder[0]
-        first.weight.copy_(first.weight @ R)
-        last = self.encoder[-1]
-        last.weight[:K] = R.T @ last.weight[:K]
-        last.bias[:K] = R.T @ last.bias[:K]
+        rotate_input(self.decoder[0], R)
+        rotate_mean_head(self.encoder[-1], R)
         A = self.encoder_shift.weight  # [2K, K]: mean rows map shift → mean, then log-std rows
         A[:K] = R.T @ A[:K] @ R
         A[K:] = A[K:] @ R
@@ -213,9 +206,7 @@ class SAMSVAE(PerturbationModel):
             self.e_mean.copy_(table @ R)
             self.e_log_std.fill_(-2.0)
         else:
-            out = self.e_net.rest[-1]
-            out.weight[:K] = R.T @ out.weight[:K]
-            out.bias[:K] = R.T @ out.bias[:K]
+            rotate_mean_head(self.e_net.rest[-1], R)
         if self.use_masks and mask_logit is not None:
             self.mask_logits.fill_(float(mask_logit))
 
@@ -262,9 +253,7 @@ class SAMSVAE(PerturbationModel):
 
     def _encode(self, x: torch.Tensor, shift: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and log-std of q(z_b | x, shift); ``shift`` may carry particle dimensions."""
-        h = self.encoder(self.encoder_input(x)) + self.encoder_shift(shift)
-        mean, log_std = h.chunk(2, dim=-1)
-        return mean, log_std.clamp(-7.0, 3.0)
+        return mean_and_log_std(self.encoder(self.encoder_input(x)) + self.encoder_shift(shift))
 
     def loss(self, batch: Batch, n_particles: int = 5) -> LossOutput:
         P = n_particles
@@ -296,7 +285,7 @@ class SAMSVAE(PerturbationModel):
         out = self.decoder(z_b + shift)
         log_px = self.likelihood.log_prob(batch.x, out, torch.log(batch.library))
         log_pz = std_normal_log_prob(z_b).sum(-1)
-        log_qz = (-0.5 * eps * eps - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
+        log_qz = reparam_normal_log_prob(eps, log_std).sum(-1)
         return log_px + log_pz - log_qz
 
     def predict(self, d: torch.Tensor, globals_: dict[str, torch.Tensor], n_per_global: int = 1) -> torch.Tensor:

@@ -11,62 +11,69 @@ decoder frozen (the paper's out-of-domain protocol).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from sams_core.errors import SamsError
-from sams_core.models.base import Batch, LossOutput, PerturbationModel, mlp
+from sams_core.models.base import (
+    Batch,
+    LossOutput,
+    PerturbationModel,
+    ScreenCells,
+    check_align_at,
+    mlp,
+)
 from sams_core.models.distributions import (
     kl_normal_std_normal,
+    mean_and_log_std,
     relaxed_bernoulli_st,
+    reparam_normal_log_prob,
     std_normal_log_prob,
 )
-from sams_core.models.rotation import sparsest_rotation
+from sams_core.models.rotation import rotate_input, rotate_mean_head, sparsest_rotation
 
 
 class SVAEPlus(PerturbationModel):
-    """sVAE+ over a vocabulary of conditions given as dosage rows (``cond_dosages``)."""
+    """sVAE+ over a vocabulary of conditions given as dosage rows (``cond_dosages``).
+
+    ``n_latent``, ``likelihood``, ``n_hidden`` and ``n_layers`` go to :class:`PerturbationModel`.
+    """
 
     family = "svae_plus"
-    has_masks = True
-    has_globals = True
-    composes = False
 
     def __init__(
         self,
         n_genes: int,
         n_perturbations: int,
-        n_latent: int = 15,
-        likelihood: str = "nb",
-        n_hidden: int = 350,
-        n_layers: int = 1,
+        *,
         n_conditions: int = 1,
         beta: float = 60.0,
         temperature: float = 1.0,
         align_at: float | None = 0.25,
-        **extra: Any,
+        **common: Any,
     ):
-        if align_at is not None and not 0.0 <= align_at < 1.0:
-            raise ValueError(f"align_at must be a fraction of the training budget in [0, 1) or None, got {align_at!r}")
+        check_align_at(align_at)
         if beta <= 0:
-            raise ValueError(f"beta must be positive, got {beta}")
+            raise SamsError(f"beta must be positive, got {beta}. Pass β > 1 for sparse masks (default 60).")
         super().__init__(
-            n_genes, n_perturbations, n_latent, likelihood,
-            n_hidden=n_hidden, n_layers=n_layers, n_conditions=n_conditions, beta=beta,
-            temperature=temperature, align_at=align_at, **extra,
+            n_genes, n_perturbations,
+            n_conditions=n_conditions, beta=beta, temperature=temperature, align_at=align_at, **common,
         )
         self.align_at = align_at
         self.aligned = align_at is None
         self.beta = beta
         self.temperature = temperature
         self.n_conditions = n_conditions
-        self.encoder = mlp(n_genes, n_hidden, 2 * n_latent, n_layers)
-        self.decoder = mlp(n_latent, n_hidden, n_genes, n_layers)
-        self.shift = nn.Parameter(0.1 * torch.randn(n_conditions, n_latent))
-        self.pi_logits = nn.Parameter(torch.zeros(n_conditions, n_latent))
+        K = self.n_latent
+        self.encoder = mlp(n_genes, self.n_hidden, 2 * K, self.n_layers)
+        self.decoder = mlp(K, self.n_hidden, n_genes, self.n_layers)
+        self.shift = nn.Parameter(0.1 * torch.randn(n_conditions, K))
+        self.pi_logits = nn.Parameter(torch.zeros(n_conditions, K))
         # dosage row of each condition, to map rows → conditions; filled from the data
         self.register_buffer("cond_dosages", torch.zeros(n_conditions, n_perturbations))
         self.register_buffer("cond_counts", torch.ones(n_conditions))
@@ -76,6 +83,33 @@ class SVAEPlus(PerturbationModel):
         """Store each condition's dosage row and its number of training cells."""
         self.cond_dosages.copy_(cond_dosages)
         self.cond_counts.copy_(cond_counts.clamp_min(1.0))
+
+    # ---- the condition vocabulary, from the training cells ------------------------------
+    @classmethod
+    def vocabulary(cls, labels: Sequence[str] | np.ndarray) -> list[str]:
+        """Every condition of the training cells but the controls, sorted: one label each."""
+        return sorted({str(lab) for lab in labels if lab != "control"})
+
+    @classmethod
+    def data_hparams(cls, data: ScreenCells, train_idx: np.ndarray) -> dict[str, Any]:
+        """``n_conditions``: the size of the vocabulary (at least 1)."""
+        return {"n_conditions": max(1, len(cls.vocabulary(data.labels[train_idx])))}
+
+    def prepare_for_data(self, data: ScreenCells, train_idx: np.ndarray) -> None:
+        """Store the vocabulary's dosage rows and training cells per condition."""
+        conds = self.vocabulary(data.labels[train_idx])
+        if not conds:
+            return
+        rows = np.stack([data.dosage_row(c) for c in conds])
+        labs = data.labels[train_idx].astype(str)
+        cnt = np.array([(labs == c).sum() for c in conds], dtype=np.float32)
+        self.set_conditions(torch.as_tensor(rows), torch.as_tensor(cnt))
+
+    def condition_ids(self, dosages: np.ndarray) -> np.ndarray:
+        """Each dosage row's index in the vocabulary, -1 for controls and unknown conditions."""
+        cd = self.cond_dosages.detach().cpu().numpy()
+        lookup = {row.tobytes(): i for i, row in enumerate(cd)}
+        return np.array([lookup.get(row.tobytes(), -1) for row in np.asarray(dosages).astype(np.float32)], dtype=np.int64)
 
     def condition_index(self, d: torch.Tensor) -> torch.Tensor:
         """Index of each dosage row's condition, -1 for controls; raises for unknown rows."""
@@ -139,13 +173,10 @@ class SVAEPlus(PerturbationModel):
         rotated basis, only the sparsity prior tells them apart. Masks restart at
         ``mask_logit``. Returns the rotation."""
 
-        K = self.n_latent
         table = torch.sigmoid(self.pi_logits) * self.shift
         R = sparsest_rotation(table.detach().cpu()).to(self.shift.device)
-        self.decoder[0].weight.copy_(self.decoder[0].weight @ R)
-        last = self.encoder[-1]
-        last.weight[:K] = R.T @ last.weight[:K]
-        last.bias[:K] = R.T @ last.bias[:K]
+        rotate_input(self.decoder[0], R)
+        rotate_mean_head(self.encoder[-1], R)
         self.shift.copy_(table @ R)
         self.pi_logits.fill_(float(mask_logit))
         return R
@@ -155,8 +186,7 @@ class SVAEPlus(PerturbationModel):
         return self.decoder(z)
 
     def _encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        mean, log_std = self.encoder(self.encoder_input(x)).chunk(2, dim=-1)
-        return mean, log_std.clamp(-7.0, 3.0)
+        return mean_and_log_std(self.encoder(self.encoder_input(x)))
 
     def loss(self, batch: Batch, n_particles: int = 5) -> LossOutput:
         P = n_particles
@@ -186,7 +216,7 @@ class SVAEPlus(PerturbationModel):
         log_px = self.likelihood.log_prob(batch.x, out, torch.log(batch.library))
         prior_mean = self._prior_mean(batch.cond, table)
         log_pz = std_normal_log_prob(z - prior_mean).sum(-1)
-        log_qz = (-0.5 * eps * eps - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
+        log_qz = reparam_normal_log_prob(eps, log_std).sum(-1)
         return log_px + log_pz - log_qz
 
     def predict(self, d: torch.Tensor, globals_: dict[str, torch.Tensor], n_per_global: int = 1) -> torch.Tensor:

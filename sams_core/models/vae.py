@@ -12,16 +12,19 @@ import torch
 
 from sams_core.models.base import Batch
 from sams_core.models.conditional_vae import ConditionalVAE
+from sams_core.models.distributions import mean_and_log_std
 
 
 class VAE(ConditionalVAE):
-    """z ~ N(0, I); x ~ likelihood(decoder(z)); q(z | x)."""
+    """z ~ N(0, I); x ~ likelihood(decoder(z)); q(z | x).
+
+    ``n_latent``, ``likelihood``, ``n_hidden`` and ``n_layers`` go to :class:`PerturbationModel`.
+    """
 
     family = "vae"
-    composes = False
 
-    def __init__(self, n_genes: int, n_perturbations: int, n_latent: int = 15, likelihood: str = "nb", n_hidden: int = 350, n_layers: int = 1, **extra: Any):
-        super().__init__(n_genes, 0, n_latent, likelihood, n_hidden=n_hidden, n_layers=n_layers, **extra)
+    def __init__(self, n_genes: int, n_perturbations: int, **common: Any):
+        super().__init__(n_genes, 0, **common)
         # keep the data's perturbation count for the interface; the networks see none
         self.hparams["n_perturbations"] = n_perturbations
         self.n_perturbations = n_perturbations
@@ -34,8 +37,7 @@ class VAE(ConditionalVAE):
         return self.decoder(z)
 
     def _encode(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        mean, log_std = self.encoder(self.encoder_input(batch.x)).chunk(2, dim=-1)
-        return mean, log_std.clamp(-7.0, 3.0)
+        return mean_and_log_std(self.encoder(self.encoder_input(batch.x)))
 
     def loss(self, batch: Batch, n_particles: int = 5):
         return super().loss(Batch(batch.x, self._strip(batch.d), batch.library, batch.cond), n_particles)

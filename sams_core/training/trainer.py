@@ -36,15 +36,13 @@ from sams_core.data.batches import (
     _is_backed,
     condition_ids,
     default_device,
-    input_statistics,
 )
 from sams_core.data.screen import PerturbationData
 from sams_core.data.splits import TRAIN, VAL
 from sams_core.errors import SamsError
 from sams_core.models.base import PerturbationModel
-from sams_core.models.registry import FAMILIES, build_model
-from sams_core.models.svae import SVAEPlus
 from sams_core.training import distributed
+from sams_core.training.build import build_for_data
 
 ProgressFn = Callable[["EpochRecord"], None]
 
@@ -132,37 +130,6 @@ class TrainResult:
 
     def history_table(self) -> list[dict[str, Any]]:
         return [h.as_dict() for h in self.history]
-
-
-def build_for_data(family: str, data: PerturbationData, split: np.ndarray, **hparams: Any) -> PerturbationModel:
-    """A model of ``family`` sized for ``data``, with encoder statistics from the training cells."""
-    if family not in FAMILIES:
-        raise SamsError(f"Unknown model family {family!r}. Choose one of: {', '.join(FAMILIES)}.")
-    train_idx = np.flatnonzero(split == TRAIN)
-    if train_idx.size == 0:
-        raise SamsError("The split leaves no training cells. Lower the held-out fraction.")
-    hp = dict(hparams)
-    hp.setdefault("likelihood", data.likelihood)
-    if hp["likelihood"] in ("nb", "poisson") and not data.is_counts:
-        raise SamsError(
-            f"The {hp['likelihood']} likelihood needs counts, but this data is log-normalised. "
-            "Use likelihood='gaussian' or load raw counts."
-        )
-    conds: list[str] = []
-    if family == SVAEPlus.family:
-        labs = data.labels[train_idx]
-        conds = sorted({str(lab) for lab in labs if lab != "control"})
-        hp["n_conditions"] = max(1, len(conds))
-    model = build_model(family, n_genes=data.n_genes, n_perturbations=data.n_perturbations, **hp)
-    mean, std = input_statistics(data, train_idx)
-    counts = (data.dosages[train_idx] != 0).sum(0).astype(np.float32)
-    model.set_data_stats(torch.as_tensor(mean), torch.as_tensor(std), torch.as_tensor(counts))
-    if isinstance(model, SVAEPlus) and conds:
-        rows = np.stack([data.dosage_row(c) for c in conds])
-        labs = data.labels[train_idx].astype(str)
-        cnt = np.array([(labs == c).sum() for c in conds], dtype=np.float32)
-        model.set_conditions(torch.as_tensor(rows), torch.as_tensor(cnt))
-    return model
 
 
 def mask_sparsity(model: PerturbationModel) -> tuple[float | None, float | None]:
