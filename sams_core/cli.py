@@ -2,8 +2,9 @@
 
 For people who train on a cluster and only browse in the app. Every subcommand explains its
 options with ``--help``; bad input ends with the message of the problem and exit code 2.
-Each subcommand imports what it needs when it runs, so ``--help`` and ``simulate`` start without
-loading PyTorch.
+``train`` offers each registered family's options as flags (:mod:`sams_core.models.registry`), so
+a new family needs no change here. Each subcommand imports what it needs when it runs, so
+``--help`` and ``simulate`` start without loading PyTorch.
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ from __future__ import annotations
 import argparse
 import subprocess
 import sys
-from typing import Sequence
+import textwrap
+from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
@@ -20,8 +22,7 @@ from sams_core import __version__
 from sams_core.data.splits import SPLIT_KINDS
 from sams_core.errors import SamsError
 from sams_core.labels import dosage_rows, parse_label
-from sams_core.models.registry import FAMILIES
-from sams_core.models.sams_vae import GUIDES
+from sams_core.models import registry
 
 
 def _add_data_options(p: argparse.ArgumentParser) -> None:
@@ -32,16 +33,89 @@ def _add_data_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-top-genes", type=int, default=None, help="keep only this many highly variable genes (scanpy)")
 
 
-def _fraction_or_none(text: str) -> float | str:
-    if text.strip().lower() == "none":
+def _flag_parser(option: registry.Option):
+    """An argparse ``type`` that reads ``option`` as written on the command line."""
+
+    def parse(text: str):
+        try:
+            return option.parse(text)
+        except SamsError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    parse.__name__ = option.name  # argparse names the type in its messages
+    return parse
+
+
+def _option_flags() -> dict[str, list[tuple[registry.FamilySpec, registry.Option]]]:
+    """Each family-option flag with the families that take it (the registry checks that a flag
+    means one option of one kind)."""
+    flags: dict[str, list[tuple[registry.FamilySpec, registry.Option]]] = {}
+    for spec in registry.families():
+        for opt in spec.options:
+            flags.setdefault(opt.flag, []).append((spec, opt))
+    return flags
+
+
+def _show(value: object) -> str:
+    if value is None:
         return "none"
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1) or 'none', got {text!r}") from None
-    if not 0.0 <= value < 1.0:
-        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1) or 'none', got {text!r}")
-    return value
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _add_family_options(p: argparse.ArgumentParser) -> None:
+    """One flag per family option in the registry, its help naming the families that take it.
+
+    A flag not given stays off the namespace, so the family's own default applies.
+    """
+    g = p.add_argument_group("model options", "options of particular model families (see the list of families below)")
+    for flag, users in _option_flags().items():
+        opt = users[0][1]
+        defaults = {_show(o.default) for _, o in users}
+        if len(defaults) == 1:
+            who = f"{', '.join(s.label for s, _ in users)}; default {defaults.pop()}"
+        else:
+            who = "; ".join(f"{s.label} default {_show(o.default)}" for s, o in users)
+        try:
+            g.add_argument(
+                flag, dest=opt.dest, type=_flag_parser(opt), default=argparse.SUPPRESS,
+                metavar="{" + ",".join(map(str, opt.choices)) + "}" if opt.choices else opt.type.__name__.upper(),
+                help=f"{opt.help} ({who})",
+            )
+        except argparse.ArgumentError as exc:
+            names = ", ".join(s.name for s, _ in users)
+            raise SamsError(
+                f"Model option {opt.name!r} of {names} uses the flag {flag}, which the train command already has. "
+                "Give the option another flag in its FamilySpec."
+            ) from exc
+
+
+def _family_epilog() -> str:
+    rows = [
+        textwrap.fill(f"{s.label} — {s.summary}", 96, initial_indent=f"  {s.name:<17}", subsequent_indent=" " * 19)
+        for s in registry.families()
+    ]
+    return "model families (--model):\n" + "\n".join(rows)
+
+
+def family_hparams(args: argparse.Namespace) -> dict:
+    """The chosen family's options given on the command line, by constructor keyword.
+
+    Raises :class:`SamsError` for a flag of another family, naming the families that take it.
+    """
+    spec = registry.get(args.model)
+    hp: dict = {}
+    for flag, users in _option_flags().items():
+        dest = users[0][1].dest
+        if not hasattr(args, dest):
+            continue
+        mine = [o for s, o in users if s.name == spec.name]
+        if not mine:
+            raise SamsError(
+                f"{flag} is an option of {', '.join(s.label for s, _ in users)}, not of {spec.label}. "
+                f"Drop it, or choose --model {' or '.join(s.name for s, _ in users)}."
+            )
+        hp[mine[0].name] = getattr(args, dest)
+    return hp
 
 
 def _add_scale_options(p: argparse.ArgumentParser) -> None:
@@ -61,24 +135,17 @@ def _add_scale_options(p: argparse.ArgumentParser) -> None:
 def _read_data(args: argparse.Namespace):
     from sams_core.data.screen import read_h5ad
 
+    how = {
+        "perturbation_key": args.perturbation_key,
+        "separators": tuple(args.separator or ["+"]),
+        "control_labels": args.control_label,
+        "n_top_genes": args.n_top_genes,
+    }
     if getattr(args, "backed", False):
         from sams_core.data.backed import read_h5ad_backed
 
-        return read_h5ad_backed(
-            args.data,
-            perturbation_key=args.perturbation_key,
-            separators=tuple(args.separator or ["+"]),
-            control_labels=args.control_label,
-            n_top_genes=args.n_top_genes,
-            chunk_size=args.chunk_size,
-        )
-    return read_h5ad(
-        args.data,
-        perturbation_key=args.perturbation_key,
-        separators=tuple(args.separator or ["+"]),
-        control_labels=args.control_label,
-        n_top_genes=args.n_top_genes,
-    )
+        return read_h5ad_backed(args.data, chunk_size=args.chunk_size, **how)
+    return read_h5ad(args.data, **how)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -86,19 +153,17 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--version", action="version", version=f"sams_core {__version__}")
     sub = ap.add_subparsers(dest="command", required=True)
 
-    t = sub.add_parser("train", help="train a model on a screen and save it as a bundle", description="Train a model on an .h5ad screen, evaluate it on its split and save a bundle (.sams file or folder).")
+    t = sub.add_parser(
+        "train", help="train a model on a screen and save it as a bundle",
+        description="Train a model on an .h5ad screen, evaluate it on its split and save a bundle (.sams file or folder).",
+        epilog=_family_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     _add_data_options(t)
-    t.add_argument("--model", default="sams_vae", choices=sorted(FAMILIES), help="model family (default sams_vae)")
-    t.add_argument("--guide", default="mean-field", choices=GUIDES, help="SAMS-VAE/CPA-VAE guide over the embeddings (default mean-field)")
-    t.add_argument("--likelihood", default=None, choices=["nb", "poisson", "gaussian"], help="default: nb for counts, gaussian for log-normalised data")
+    t.add_argument("--model", default="sams_vae", choices=sorted(s.name for s in registry.families()), help="model family (default sams_vae; listed below)")
+    t.add_argument("--likelihood", default=None, choices=registry.LIKELIHOODS, help="default: nb for counts, gaussian for log-normalised data")
     t.add_argument("--latent", type=int, default=15, help="number of latent units K (default 15)")
     t.add_argument("--hidden", type=int, default=350, help="width of the encoder/decoder hidden layers (default 350)")
     t.add_argument("--layers", type=int, default=1, help="hidden layers in encoder and decoder (default 1)")
-    t.add_argument("--mask-prior", type=float, default=None, help="SAMS-VAE prior probability α that a perturbation acts on a unit")
-    t.add_argument("--align-at", type=_fraction_or_none, default=None, help="SAMS-VAE: fraction of the budget after which the latent basis is turned to the sparsest "
-                   "rotation of the perturbation shifts and the prior takes its full weight (default 0.25; 'none' never)")
-    t.add_argument("--global-weight", type=float, default=None, help="SAMS-VAE weight of the mask and embedding prior terms after the alignment (default 15; 1 = the paper's ELBO)")
-    t.add_argument("--beta", type=float, default=None, help="sVAE+ Beta(1, β) mask prior (β > 1 is sparse; default 60)")
     t.add_argument("--split", default="heldout-combos", choices=SPLIT_KINDS, help="how to split cells (default heldout-combos)")
     t.add_argument("--fraction", type=float, default=0.25, help="held-out fraction of combinations/perturbations, or trained fraction of combination cells for data-efficiency (default 0.25)")
     t.add_argument("--val-fraction", type=float, default=0.1, help="fraction of the remaining cells used for validation (default 0.1)")
@@ -116,6 +181,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_scale_options(t)
     t.add_argument("--no-eval", action="store_true", help="skip the evaluation after training")
     t.add_argument("--out", required=True, help="where to save the bundle: NAME.sams for one file, else a folder")
+    _add_family_options(t)
 
     e = sub.add_parser("evaluate", help="held-out metrics of a bundle on its data", description="Recreate the bundle's split on the data and print held-out IWELBO and ATE scores per split.")
     e.add_argument("bundle", help="a .sams bundle file or folder")
@@ -155,8 +221,8 @@ def parse_combination(text: str) -> dict[str, float]:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from sams_core.training import distributed
     from sams_core.pipeline import SplitSpec, train_bundle
+    from sams_core.training import distributed
     from sams_core.training.trainer import TrainConfig, tqdm_progress
 
     if args.devices < 1:
@@ -175,19 +241,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
                   f"{len(data.combinations())} combinations, {int(data.control_mask.sum())} controls; "
                   f"likelihood {args.likelihood or data.likelihood}"
                   + (f"; {distributed.world_size()} processes" if ddp else ""), file=sys.stderr)
-        hp: dict = {"n_latent": args.latent, "n_hidden": args.hidden, "n_layers": args.layers}
+        hp: dict = {"n_latent": args.latent, "n_hidden": args.hidden, "n_layers": args.layers, **family_hparams(args)}
         if args.likelihood:
             hp["likelihood"] = args.likelihood
-        if args.model in ("sams_vae", "cpa_vae"):
-            hp["guide"] = args.guide
-        if args.mask_prior is not None and args.model == "sams_vae":
-            hp["mask_prior"] = args.mask_prior
-        if args.align_at is not None and args.model == "sams_vae":
-            hp["align_at"] = None if args.align_at == "none" else args.align_at
-        if args.global_weight is not None and args.model == "sams_vae":
-            hp["global_weight"] = args.global_weight
-        if args.beta is not None and args.model == "svae_plus":
-            hp["beta"] = args.beta
         cfg = TrainConfig(
             epochs=args.epochs, max_steps=args.steps, batch_size=args.batch_size, lr=args.lr,
             n_particles=args.particles, grad_clip=args.grad_clip, early_stopping=args.early_stopping,
@@ -198,7 +254,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         # only rank 0 reports, evaluates and writes the bundle; every rank trains
         update, close = tqdm_progress(args.epochs if args.steps is None else 1, desc=args.model) if main else (None, lambda: None)
         try:
-            bundle, result, ev = train_bundle(
+            _, result, ev = train_bundle(
                 data, args.model, spec, cfg, args.out if main else None, update, (not args.no_eval) and main, **hp
             )
         finally:
@@ -230,8 +286,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    from sams_core.io.bundle import load_bundle
     from sams_core.evaluation.metrics import model_ate_draws
+    from sams_core.io.bundle import load_bundle
 
     bundle = load_bundle(args.bundle)
     if not 0 < args.level < 1:
@@ -286,9 +342,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         from sams_core.demo import build_demo_main
 
         return build_demo_main(argv[1:])
-    args = _parser().parse_args(argv)
-    args.argv = argv  # --devices relaunches the same command line under torchrun
     try:
+        args = _parser().parse_args(argv)
+        args.argv = argv  # --devices relaunches the same command line under torchrun
         return {"train": _cmd_train, "evaluate": _cmd_evaluate, "predict": _cmd_predict, "write-back": _cmd_write_back}[args.command](args)
     except SamsError as exc:
         print(f"error: {exc}", file=sys.stderr)
