@@ -11,6 +11,10 @@ A model is a plain ``torch.nn.Module`` built from a dictionary of hyper-paramete
 - :meth:`PerturbationModel.latent` — posterior latent means of cells;
 - :meth:`PerturbationModel.mask_probs` — mask probabilities where the family has masks.
 
+A family's constructor takes ``n_genes``, ``n_perturbations`` and its own options as keywords and
+passes the hyper-parameters every family shares (``n_latent``, ``likelihood``, ``n_hidden``,
+``n_layers``) on to :class:`PerturbationModel`, which records them all in ``hparams``.
+
 What a family is (label, options, capabilities) is declared once in
 :mod:`sams_core.models.registry`; a model reads its capabilities from there (:attr:`spec`). Hooks
 with a do-nothing default let a family set itself up from the training cells without the trainer

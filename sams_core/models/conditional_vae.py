@@ -16,10 +16,7 @@ from sams_core.models.distributions import (
 
 
 class ConditionalVAE(PerturbationModel):
-    """z ~ N(0, I); x ~ likelihood(decoder([z, d])). Perturbations enter only through the decoder.
-
-    ``n_latent``, ``likelihood``, ``n_hidden`` and ``n_layers`` go to :class:`PerturbationModel`.
-    """
+    """z ~ N(0, I); x ~ likelihood(decoder([z, d])). Perturbations enter only through the decoder."""
 
     family = "conditional_vae"
 

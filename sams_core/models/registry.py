@@ -333,17 +333,21 @@ def label(manifest_or_family: Mapping[str, Any] | str, hparams: Mapping[str, Any
 
 # ---- the built-in families -------------------------------------------------------------------
 
+def _builtin(name: str, label: str, cls: str, summary: str, **declared: Any) -> None:
+    """Register one of the families this package ships (``cls``: module:Class in sams_core.models)."""
+    options, label_options = tuple(declared.pop("options", ())), tuple(declared.pop("label_options", ()))
+    register(FamilySpec(name, label, summary, f"sams_core.models.{cls}", options, Capabilities(**declared), label_options))
+
+
 _GUIDE = Option(
     "guide", str, "mean-field", "guide over the perturbation embeddings (correlated: q(E | M))",
     choices=("mean-field", "correlated"),
 )
 
-register(FamilySpec(
-    name="sams_vae",
-    label="SAMS-VAE",
-    summary="Sparse additive mechanism shifts: each perturbation moves a few latent units, a combination the sum of its members' shifts.",
-    class_path="sams_core.models.sams_vae:SAMSVAE",
-    options=(
+_builtin(
+    "sams_vae", "SAMS-VAE", "sams_vae:SAMSVAE",
+    "Sparse additive mechanism shifts: each perturbation moves a few latent units, a combination the sum of its members' shifts.",
+    has_masks=True, composes_unseen_combinations=True, label_options=("guide",), options=(
         _GUIDE,
         Option("mask_prior", float, 0.01, "prior probability α that a perturbation acts on a latent unit",
                low=0.0, high=1.0, low_open=True, high_open=True),
@@ -353,39 +357,28 @@ register(FamilySpec(
         Option("global_weight", float, 15.0, "weight of the mask and embedding prior terms after the alignment "
                "(1 = the paper's ELBO)", low=0.0),
     ),
-    capabilities=Capabilities(has_masks=True, composes_unseen_combinations=True),
-    label_options=("guide",),
-))
-register(FamilySpec(
-    name="cpa_vae",
-    label="CPA-VAE",
-    summary="SAMS-VAE without masks: every perturbation shifts every latent unit; combinations add.",
-    class_path="sams_core.models.cpa_vae:CPAVAE",
-    options=(_GUIDE,),
-    capabilities=Capabilities(has_masks=False, composes_unseen_combinations=True),
-))
-register(FamilySpec(
-    name="conditional_vae",
-    label="Conditional VAE",
-    summary="Perturbations enter only through the decoder's input [z, d]; no global latents.",
-    class_path="sams_core.models.conditional_vae:ConditionalVAE",
-    capabilities=Capabilities(has_masks=False, composes_unseen_combinations=True),
-))
-register(FamilySpec(
-    name="vae",
-    label="VAE",
-    summary="No perturbation input: the latent-recovery baseline; every condition looks like the whole screen.",
-    class_path="sams_core.models.vae:VAE",
-    capabilities=Capabilities(has_masks=False, composes_unseen_combinations=False),
-))
-register(FamilySpec(
-    name="svae_plus",
-    label="sVAE+",
-    summary="Sparse mechanism shift with one label per cell: each condition, a combination included, learns its own sparse shift.",
-    class_path="sams_core.models.svae:SVAEPlus",
+)
+_builtin(
+    "cpa_vae", "CPA-VAE", "cpa_vae:CPAVAE",
+    "SAMS-VAE without masks: every perturbation shifts every latent unit; combinations add.",
+    has_masks=False, composes_unseen_combinations=True, options=(_GUIDE,),
+)
+_builtin(
+    "conditional_vae", "Conditional VAE", "conditional_vae:ConditionalVAE",
+    "Perturbations enter only through the decoder's input [z, d]; no global latents.",
+    has_masks=False, composes_unseen_combinations=True,
+)
+_builtin(
+    "vae", "VAE", "vae:VAE",
+    "No perturbation input: the latent-recovery baseline; every condition looks like the whole screen.",
+    has_masks=False, composes_unseen_combinations=False,
+)
+_builtin(
+    "svae_plus", "sVAE+", "svae:SVAEPlus",
+    "Sparse mechanism shift with one label per cell: each condition, a combination included, learns its own sparse shift.",
+    has_masks=True, composes_unseen_combinations=False, one_condition_per_cell=True,
     options=(Option("beta", float, 60.0, "Beta(1, β) mask prior (β > 1 is sparse)", low=0.0, low_open=True),),
-    capabilities=Capabilities(has_masks=True, composes_unseen_combinations=False, one_condition_per_cell=True),
-))
+)
 
 
 __all__ = [

@@ -41,10 +41,7 @@ GUIDES: tuple[str, ...] = family_spec("sams_vae").option("guide").choices or ()
 
 
 class SAMSVAE(PerturbationModel):
-    """SAMS-VAE with a mean-field or correlated guide over the global embeddings and masks.
-
-    ``n_latent``, ``likelihood``, ``n_hidden`` and ``n_layers`` go to :class:`PerturbationModel`.
-    """
+    """SAMS-VAE with a mean-field or correlated guide over the global embeddings and masks."""
 
     family = "sams_vae"
 
@@ -54,34 +51,22 @@ class SAMSVAE(PerturbationModel):
         n_perturbations: int,
         *,
         guide: str = "mean-field",
-        mask_prior: float = 0.01,
-        embedding_prior_scale: float = 1.0,
-        embed_hidden: int = 400,
-        embed_layers: int = 2,
-        temperature: float = 1.0,
-        mask_init_logit: float = 0.0,
-        global_weight: float = 15.0,
-        align_at: float | None = 0.25,
-        warmup_global_weight: float = 1.0,
-        align_mask_logit: float = 0.0,
+        mask_prior: float = 0.01, embedding_prior_scale: float = 1.0,  # priors: P(m = 1) and the scale of e
+        embed_hidden: int = 400, embed_layers: int = 2,  # the correlated guide's network
+        temperature: float = 1.0, mask_init_logit: float = 0.0,  # the relaxed masks
+        global_weight: float = 15.0, warmup_global_weight: float = 1.0,  # prior terms after / before alignment
+        align_at: float | None = 0.25, align_mask_logit: float = 0.0,  # when to align, masks restart at
         **common: Any,
     ):
         if guide not in GUIDES:
             raise SamsError(f"Unknown guide {guide!r}. Choose one of: {', '.join(GUIDES)}.")
         super().__init__(
-            n_genes,
-            n_perturbations,
-            guide=guide,
-            mask_prior=mask_prior,
-            embedding_prior_scale=embedding_prior_scale,
-            embed_hidden=embed_hidden,
-            embed_layers=embed_layers,
-            temperature=temperature,
-            mask_init_logit=mask_init_logit,
-            global_weight=global_weight,
-            align_at=align_at,
-            warmup_global_weight=warmup_global_weight,
-            align_mask_logit=align_mask_logit,
+            n_genes, n_perturbations, guide=guide,
+            mask_prior=mask_prior, embedding_prior_scale=embedding_prior_scale,
+            embed_hidden=embed_hidden, embed_layers=embed_layers,
+            temperature=temperature, mask_init_logit=mask_init_logit,
+            global_weight=global_weight, align_at=align_at,
+            warmup_global_weight=warmup_global_weight, align_mask_logit=align_mask_logit,
             **common,
         )
         check_align_at(align_at)

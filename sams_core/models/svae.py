@@ -39,10 +39,7 @@ from sams_core.models.rotation import rotate_input, rotate_mean_head, sparsest_r
 
 
 class SVAEPlus(PerturbationModel):
-    """sVAE+ over a vocabulary of conditions given as dosage rows (``cond_dosages``).
-
-    ``n_latent``, ``likelihood``, ``n_hidden`` and ``n_layers`` go to :class:`PerturbationModel`.
-    """
+    """sVAE+ over a vocabulary of conditions given as dosage rows (``cond_dosages``)."""
 
     family = "svae_plus"
 

@@ -16,10 +16,7 @@ from sams_core.models.distributions import mean_and_log_std
 
 
 class VAE(ConditionalVAE):
-    """z ~ N(0, I); x ~ likelihood(decoder(z)); q(z | x).
-
-    ``n_latent``, ``likelihood``, ``n_hidden`` and ``n_layers`` go to :class:`PerturbationModel`.
-    """
+    """z ~ N(0, I); x ~ likelihood(decoder(z)); q(z | x)."""
 
     family = "vae"
 
