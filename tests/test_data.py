@@ -8,9 +8,10 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from sams_core.data.screen import dosage_rows, from_anndata, read_h5ad, split_label
+from sams_core.data.screen import from_anndata, read_h5ad
 from sams_core.data.splits import make_split
 from sams_core.errors import SamsError
+from sams_core.labels import dosage_rows, split_label
 
 
 def test_reads_counts_labels_and_dosages(screen):

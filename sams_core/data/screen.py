@@ -24,9 +24,9 @@ import scipy.sparse as sp
 
 from sams_core.data import contract
 from sams_core.errors import SamsError
-from sams_core.labels import CONTROL_LABELS, SEPARATORS, dosage_rows, split_label
+from sams_core.labels import SEPARATORS, dosage_rows, split_label
 
-__all__ = ["CONTROL_LABELS", "PerturbationData", "from_anndata", "read_anndata", "read_h5ad", "select_genes"]
+__all__ = ["PerturbationData", "from_anndata", "read_anndata", "read_h5ad", "select_genes"]
 
 #: Cells or genes picked by position, by boolean mask, or (genes) by name.
 Selection = Sequence[int] | Sequence[bool] | Sequence[str] | np.ndarray | slice

@@ -8,22 +8,25 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
 
 from sams_core.data.batches import DeviceData, condition_ids
 from sams_core.data.screen import PerturbationData
-from sams_core.data.summary import DEFAULT_CACHE
 from sams_core.errors import SamsError
 from sams_core.io.bundle import ModelBundle
 from sams_core.settings import SETTINGS
 
+__all__ = ["LARGE_EMBEDDING", "Embedding", "cell_latents", "embedding_key", "subsample", "umap_embedding"]
+
 #: Layouts that ship with the demo (``python -m sams_core build-demo`` writes them).
 SHIPPED_EMBEDDINGS = SETTINGS.demo_embeddings
+#: Where computed layouts are cached (the user's cache directory; ``SAMS_CACHE_DIR`` overrides).
+DEFAULT_CACHE = SETTINGS.cache_dir
 
 
 @dataclass

@@ -31,9 +31,10 @@ import gzip
 import io
 import os
 import zlib
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Iterable, Mapping, Union
+from typing import IO
 
 import numpy as np
 import pandas as pd
@@ -43,11 +44,25 @@ from scipy import stats
 from sams_core.errors import SamsError
 from sams_core.settings import SETTINGS
 
+__all__ = [
+    "HYPERGEOMETRIC_COLUMNS",
+    "RANK_COLUMNS",
+    "GeneSetCollection",
+    "GmtSource",
+    "benjamini_hochberg",
+    "hypergeometric_enrichment",
+    "load_shipped",
+    "rank_enrichment",
+    "read_gmt",
+    "shipped_collections",
+    "write_gmt",
+]
+
 #: Folder of the shipped GMT files (outside the package, at the repository root).
 SHIPPED_DIR = SETTINGS.genesets_dir
 
 #: What :func:`read_gmt` accepts: a path, raw bytes (e.g. an upload), or an open file.
-GmtSource = Union[str, os.PathLike[str], bytes, bytearray, memoryview, IO[bytes], IO[str]]
+GmtSource = str | os.PathLike[str] | bytes | bytearray | memoryview | IO[bytes] | IO[str]
 
 HYPERGEOMETRIC_COLUMNS = [
     "set",

@@ -1,9 +1,16 @@
-"""Gene programs of latent units: loadings, top genes and gene-set enrichment.
+"""Gene programs of latent units: what each unit does to the genes, and which gene sets it moves.
+
+:func:`unit_loadings` measures each latent unit's effect on every gene through the decoder,
+:func:`top_genes` lists a unit's strongest genes, :func:`unit_enrichment` and
+:func:`effect_enrichment` test gene sets (:mod:`sams_core.interpret.genesets`) against a unit's
+loadings or a predicted effect, and :func:`program_collection` turns a simulation's true gene
+programs into a gene-set collection to check them against.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -20,6 +27,8 @@ from sams_core.interpret.genesets import (
 )
 from sams_core.io.bundle import ModelBundle
 from sams_core.simulate import truth_from_adata
+
+__all__ = ["effect_enrichment", "program_collection", "top_genes", "unit_enrichment", "unit_loadings"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -68,7 +77,7 @@ def top_genes(loadings: pd.DataFrame, unit: int | str, n: int = 20) -> pd.DataFr
 # enrichment of units and predicted effects
 def unit_enrichment(
     loadings: pd.DataFrame,
-    collection,
+    collection: GeneSetCollection,
     method: str = "rank",
     n_top: int = 50,
     units: Sequence[int] | None = None,
@@ -100,7 +109,7 @@ def unit_enrichment(
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
-def effect_enrichment(prediction: EffectPrediction, collection, min_size: int = 5, absolute: bool = False) -> pd.DataFrame:
+def effect_enrichment(prediction: EffectPrediction, collection: GeneSetCollection, min_size: int = 5, absolute: bool = False) -> pd.DataFrame:
     """Rank-sum enrichment of a predicted effect over genes (which programs it moves): of the
     signed log2 fold changes (programs pushed up or down), or of their size with ``absolute``
     (programs moved in either direction, also when their genes go different ways)."""
@@ -109,7 +118,7 @@ def effect_enrichment(prediction: EffectPrediction, collection, min_size: int = 
     return rank_enrichment(scores.abs() if absolute else scores, collection, min_size=min_size)
 
 
-def program_collection(adata):
+def program_collection(adata: Any) -> GeneSetCollection:
     """The simulator's true gene programs as a gene-set collection (simulated data only)."""
 
     truth = truth_from_adata(adata)
