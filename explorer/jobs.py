@@ -25,6 +25,7 @@ import secrets
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -179,9 +180,16 @@ def create(runs_dir: str | Path, spec: JobSpec) -> Job:
     return job
 
 
-def submit(runs_dir: str | Path, spec: JobSpec) -> Job:
-    """Create a job and start its process (detached: it outlives the session that started it)."""
+def submit(runs_dir: str | Path, spec: JobSpec, in_process: bool = False) -> Job:
+    """Create a job and start its process (detached: it outlives the session that started it).
+
+    ``in_process`` runs it on a thread of this process instead: for a family registered at run
+    time, which a new process would not know. It then outlives page changes but not the server.
+    """
     job = create(runs_dir, spec)
+    if in_process:
+        threading.Thread(target=run, args=(job.path,), kwargs={"handle_signals": False}, daemon=True).start()
+        return job
     log = open(job.path / LOG_FILE, "ab")  # noqa: SIM115 - handed to the child process
     try:
         proc = subprocess.Popen(
@@ -194,6 +202,18 @@ def submit(runs_dir: str | Path, spec: JobSpec) -> Job:
     job.pid = proc.pid
     save(job)
     return job
+
+
+def wait(job: Job, timeout: float = 600.0, states: tuple[str, ...] = ("done", "failed", "cancelled")) -> Job:
+    """The job's record once it reaches one of ``states``; :class:`SamsError` after ``timeout`` s."""
+    t0 = time.monotonic()
+    while True:
+        current = read_job(job.path)
+        if current.state in states:
+            return current
+        if time.monotonic() - t0 > timeout:
+            raise SamsError(f"Job {job.id} is still {current.state} after {timeout:.0f} s. Its log:\n{current.log()}")
+        time.sleep(0.3)
 
 
 def cancel(job: Job) -> None:
@@ -219,21 +239,25 @@ class _Cancelled(Exception):
     pass
 
 
-def run(job_dir: str | Path, max_parallel: int | None = None) -> int:
-    """Run the job in ``job_dir`` in this process: wait for a slot, train, save; exit code."""
+def run(job_dir: str | Path, max_parallel: int | None = None, handle_signals: bool = True) -> int:
+    """Run the job in ``job_dir`` in this process: wait for a slot, train, save; exit code.
+
+    With ``handle_signals`` (the job's own process) SIGTERM cancels the run.
+    """
     from sams_core.data.screen import read_h5ad
     from sams_core.io.bundle import save_bundle
     from sams_core.pipeline import SplitSpec, train_bundle
     from sams_core.training.trainer import TrainConfig
 
     job = read_job(job_dir)
-    job.pid = os.getpid()
+    job.pid = os.getpid() if handle_signals else None
     save(job)
 
     def on_term(signum, frame):  # noqa: ARG001
         raise _Cancelled()
 
-    signal.signal(signal.SIGTERM, on_term)
+    if handle_signals:
+        signal.signal(signal.SIGTERM, on_term)
     n = max_parallel or int(os.environ.get("SAMS_MAX_JOBS", "1"))
     try:
         fd = _slot(job.path.parent, max(1, n))
@@ -257,7 +281,7 @@ def run(job_dir: str | Path, max_parallel: int | None = None) -> int:
             data, spec.family, split_spec, TrainConfig(**spec.config), out=None, progress=progress, **spec.hparams,
         )
         bundle.manifest["run"] = {"name": spec.name, "id": job.id, "created": job.created}
-        tmp = job.path / f".{MODEL_FILE}.partial"
+        tmp = job.path / f".partial-{MODEL_FILE}"  # a .sams name: saved as one file
         save_bundle(tmp, bundle.model, bundle.manifest)
         os.replace(tmp, job.model_path)
         job.state = "done"

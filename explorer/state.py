@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
 import threading
 import io
 import tempfile
@@ -18,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 import streamlit as st
 
 from sams_core.demo import DEMO_DIR, DEMO_MODELS, DATA_FILE
+from explorer.jobs import list_jobs
 from sams_core.errors import SamsError
 from sams_core.settings import SETTINGS
 
@@ -191,11 +193,33 @@ class Context:
         return sorted({str(x) for x in self.data.labels})
 
 
-def run_bundles() -> dict[str, tuple[str, None]]:
-    """Bundles saved by the Train page under ``runs/``."""
-    if not RUNS_DIR.is_dir():
-        return {}
-    return {f"runs/{p.name}": (str(p), None) for p in sorted(RUNS_DIR.glob("*.sams"))}
+def run_bundles(data_src: tuple[str, bytes | None] | None = None) -> dict[str, tuple[str, None]]:
+    """Bundles trained by finished jobs (the Train page) on the screen ``data_src`` (all screens
+    when None), newest first, labelled with the run's name and date."""
+    if data_src is None:
+        want = None
+    else:
+        want = str(jobs_data_path(data_src, write=False))
+    out: dict[str, tuple[str, None]] = {}
+    for job in list_jobs(RUNS_DIR):
+        if job.state == "done" and job.model_path.is_file() and (want is None or job.spec.data == want):
+            out[f"run: {job.spec.name} · {job.created.replace('T', ' ')}"] = (str(job.model_path), None)
+    return out
+
+
+def jobs_data_path(data_src: tuple[str, bytes | None], write: bool = True) -> Path:
+    """The screen as a file a training job can read: its path, or the upload saved (atomically)
+    under ``SAMS_HOME/uploads`` by content hash."""
+    source, content = data_src
+    if content is None:
+        return Path(source).resolve()
+    path = SETTINGS.home / "uploads" / f"{_sha(content)}.h5ad"
+    if write and not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.partial")
+        tmp.write_bytes(content)
+        os.replace(tmp, path)
+    return path
 
 
 def demo_bundles() -> dict[str, tuple[str, None]]:
@@ -259,6 +283,15 @@ def selection() -> Selection:
     return sel if sel is not None else choose()
 
 
+def screen() -> Selection | None:
+    """The sidebar's screen (a model is not needed), or None after saying what is missing."""
+    sel = selection()
+    if sel.data_src is None:
+        st.info(sel.problem or "Choose a screen (.h5ad) in the sidebar to start.")
+        return None
+    return sel
+
+
 def sidebar() -> Context | None:
     """The loaded :class:`Context` of the sidebar's screen and model, or None after saying what is
     missing (no screen, or no model for it)."""
@@ -303,7 +336,8 @@ def choose() -> Selection:
         for name, content in ss.get("upload_models", {}).items():
             models[f"upload: {name}"] = (f"upload:{name}:{_sha(content)}", content)
         label = ss["upload_data"][0] if "upload_data" in ss else "upload"
-    models.update(run_bundles())
+    if data_src is not None:
+        models.update(run_bundles(data_src))
     if data_src is None:
         return Selection(source, None, label, models, None, "Choose a screen (.h5ad) in the sidebar to start.")
     model_name = None
@@ -452,7 +486,7 @@ def mask_truth(ctx: Context):
 
 
 __all__ = [
-    "Context", "Selection", "sidebar", "choose", "selection", "drawn_sidebar", "NO_MODEL", "load", "data_summary", "widget", "remember", "recalled", "predict", "observed", "unmeasured_pairs", "loadings",
+    "Context", "Selection", "sidebar", "screen", "jobs_data_path", "choose", "selection", "drawn_sidebar", "NO_MODEL", "load", "data_summary", "widget", "remember", "recalled", "predict", "observed", "unmeasured_pairs", "loadings",
     "enrichment", "embedding", "comparison", "chart", "figure_downloads", "table_download", "show_table", "guarded",
     "mask_truth", "run_bundles", "demo_bundles", "RUNS_DIR", "io",
 ]

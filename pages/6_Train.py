@@ -1,4 +1,8 @@
-"""Train: fit a model on the chosen screen with a live loss curve; save it under runs/.
+"""Train: start a background training job on the chosen screen; follow it in the job list.
+
+Each run is a job in its own process and folder (``explorer.jobs``): it keeps going when the page
+changes, the tab closes or another session starts one (those queue). When it is done its model
+appears in the sidebar for this screen.
 
 The families, their options and the splits come from the library (the model registry and
 ``SPLIT_KINDS``): a newly registered family shows up here with its own option widgets.
@@ -7,11 +11,11 @@ The families, their options and the splits come from the library (the model regi
 from __future__ import annotations
 
 import math
-import re
 from typing import Any
 
 import streamlit as st
 
+from explorer import jobs
 from explorer import state as S
 from sams_core import plots
 from sams_core.data.splits import SPLIT_KINDS
@@ -20,10 +24,10 @@ from sams_core.models import registry
 
 st.set_page_config(page_title="Train · SAMS Explorer", layout="wide")
 st.title("Train")
-ctx = S.sidebar()
-if ctx is None:
+sel = S.screen()
+if sel is None:
     st.stop()
-st.caption(f"Data: {ctx.data_label}")
+st.caption(f"Screen: {sel.data_label}")
 
 
 def option_widget(where: Any, family: str, opt: registry.Option) -> Any:
@@ -74,47 +78,55 @@ fraction = S.widget(c[3].number_input, "Held-out fraction", "train_fraction", 0.
 default_name = "_".join([family, *(str(options[n]) for n in spec.label_options), f"{n_latent}u", f"{epochs}ep"])
 name = st.text_input("Run name", default_name, key=f"train_name_{default_name}")
 
+in_process = not registry.is_builtin(family)
+if in_process:
+    st.caption(f"{spec.label} was registered in this server process: its runs train on a thread of the server "
+               "(they survive page changes, not a server restart).")
 if st.button("Start training", type="primary", key="train_start", disabled=refused):
-    from sams_core.pipeline import SplitSpec, train_bundle
-    from sams_core.training.trainer import TrainConfig
+    hp = {"n_latent": int(n_latent), "n_hidden": int(n_hidden), **options}
+    job_spec = jobs.JobSpec(
+        name=name, data=str(S.jobs_data_path(sel.data_src)), family=family, hparams=hp,
+        split={"kind": split_kind, "fraction": float(fraction)}, config={"epochs": int(epochs), "batch_size": 256},
+    )
+    job = S.guarded(lambda: jobs.submit(S.RUNS_DIR, job_spec, in_process=in_process))
+    if job is not None:
+        st.toast(f"Started {name}: follow it below; it keeps going if you leave this page.")
 
-    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("._") or "run"
-    out = S.RUNS_DIR / f"{safe}.sams"
-    bar = st.progress(0.0, text="Starting…")
-    live = st.empty()
-    hist: list[dict] = []
 
-    def progress(rec) -> None:
-        hist.append(rec.as_dict())
-        bar.progress(min(1.0, rec.epoch / max(rec.total_epochs, 1)),
-                     text=f"epoch {rec.epoch}/{rec.total_epochs} · train loss {rec.train_loss:.2f}"
-                     + (f" · val {rec.val_loss:.2f}" if rec.val_loss is not None else ""))
-        if rec.epoch == rec.total_epochs or rec.epoch % max(1, rec.total_epochs // 20) == 0:
-            live.plotly_chart(plots.history_figure(hist, "Training loss (live)"), width="stretch", key=f"train_live_{rec.epoch}")
+@st.fragment(run_every=2.0)
+def job_list() -> None:
+    """The runs of this server, newest first: state, progress, ETA, live loss curve, log, cancel."""
+    listed = jobs.list_jobs(S.RUNS_DIR)
+    st.subheader("Training jobs")
+    if not listed:
+        st.caption("No runs yet.")
+        return
+    for job in listed[:20]:
+        recs = job.progress()
+        last = recs[-1] if recs else None
+        total = last["total_epochs"] if last else job.spec.config.get("epochs", 1)
+        head = f"**{job.spec.name}** · {job.spec.family} · {job.created.replace('T', ' ')} · {job.state}"
+        with st.expander(head, expanded=job.state in ("queued", "running")):
+            st.caption(f"Screen: {job.spec.data} · folder: {job.path}")
+            if job.state == "running":
+                done = last["epoch"] if last else 0
+                eta = job.eta_seconds()
+                st.progress(min(1.0, done / max(total, 1)),
+                            text=f"epoch {done}/{total}" + (f" · about {eta:.0f} s left" if eta is not None else ""))
+                if st.button("Cancel", key=f"cancel_{job.id}"):
+                    jobs.cancel(job)
+            elif job.state == "queued":
+                st.info("Waiting for the run before it to finish.")
+            elif job.state == "failed":
+                st.error(job.error or "The run failed; see its log.")
+            elif job.state == "done":
+                st.success(f"Done: choose **run: {job.spec.name} · {job.created.replace('T', ' ')}** as the model in the sidebar.")
+            if recs:
+                st.plotly_chart(plots.history_figure(recs, f"Training loss · {job.spec.name}"), width="stretch",
+                                key=f"job_hist_{job.id}_{len(recs)}")
+            log = job.log()
+            if log:
+                st.code(log[-2000:], language=None)
 
-    try:
-        data = S._plain_data(ctx.data_key, ctx.adata)
-        hp = {"n_latent": int(n_latent), "n_hidden": int(n_hidden), **options}
-        S.RUNS_DIR.mkdir(parents=True, exist_ok=True)
-        bundle, result, ev = train_bundle(data, family, SplitSpec(split_kind, float(fraction)), TrainConfig(epochs=int(epochs), batch_size=256),
-                                          out, progress=progress, n_ate_samples=500, **hp)
-    except SamsError as e:
-        st.error(str(e))
-    except Exception as e:  # noqa: BLE001
-        st.error(f"Training failed: {type(e).__name__}: {e}")
-    else:
-        bar.progress(1.0, text=f"Done in {result.seconds:.1f} s (best epoch {result.best_epoch})")
-        st.success(f"Saved {out} — choose **runs/{out.name}** as the model in the sidebar.")
-        if ev is not None and not ev.metrics.empty:
-            S.show_table(ev.metrics.reset_index(), f"{safe}_metrics", "train_metrics")
-        ss = st.session_state
-        ss["train_last"] = f"runs/{out.name}"
 
-runs = S.run_bundles()
-if runs:
-    st.subheader("Saved runs")
-    st.write(", ".join(runs))
-    if st.session_state.get("train_last") in runs and st.button(f"Open {st.session_state['train_last']}", key="train_open"):
-        st.session_state.pop("w_model", None)
-        S.remember("model", st.session_state["train_last"])
-        st.switch_page("pages/0_Home.py")
+job_list()

@@ -4,20 +4,12 @@ from __future__ import annotations
 
 import time
 
-import pytest
-
 from explorer import jobs
 from sams_core.io.bundle import load_bundle
 
 
-def _wait(job, states=("done", "failed", "cancelled"), timeout=240):
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        j = jobs.read_job(job.path)
-        if j.state in states:
-            return j
-        time.sleep(0.5)
-    pytest.fail(f"job stayed {j.state}: {j.log()}")
+def _wait(job, states=("done", "failed", "cancelled")):
+    return jobs.wait(job, timeout=240, states=states)
 
 
 def _spec(path, name="toy", epochs=2, **kw):
@@ -30,9 +22,10 @@ def test_a_job_trains_in_its_own_process_and_saves_its_bundle(tmp_path, screen_p
     done = _wait(job)
     assert done.state == "done", done.log()
     assert [r["epoch"] for r in done.progress()] == [1, 2]
+    assert done.model_path.is_file()  # one .sams file, not a folder
     b = load_bundle(done.model_path)
     assert b.manifest["run"]["name"] == "toy" and b.family == "cpa_vae"
-    assert not list(done.path.glob(".*partial"))
+    assert not list(done.path.glob(".partial*"))
 
 
 def test_same_names_never_overwrite_and_jobs_queue_one_at_a_time(tmp_path, screen_path):

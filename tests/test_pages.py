@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 from streamlit.testing.v1 import AppTest
 
+from explorer import jobs
+
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "assets" / "demo"
 pytestmark = pytest.mark.skipif(not (DEMO / "screen.h5ad").exists(), reason="demo not built (python -m sams_core build-demo)")
@@ -87,7 +89,6 @@ def test_masks_page():
     at = run("pages/1_Masks.py")
     ok(at)
     assert len(at.get("plotly_chart")) >= 3  # model masks + embeddings + truth
-    before = at.markdown[0].value if at.markdown else ""
     at.selectbox(key="w_masks_pert").select("SPI1").run()
     ok(at)
     assert at.subheader[0].value == "SPI1"
@@ -143,8 +144,14 @@ def test_train_page_trains_and_saves(tmp_path, monkeypatch):
     at.number_input(key="w_train_epochs").set_value(2).run()
     at.button(key="train_start").click().run()
     ok(at)
-    assert list(tmp_path.glob("*.sams"))
-    assert at.success
+    (job,) = jobs.list_jobs(tmp_path)
+    done = jobs.wait(job, timeout=300)
+    assert done.state == "done", done.log()
+    at.run()
+    ok(at)
+    assert at.success  # the job list says where the model is
+    runs = app_state.run_bundles()
+    assert any(name.startswith("run: cpa_vae") for name in runs), (runs, done.spec.name)
 
 
 def test_a_screen_without_a_model_opens_on_home(tmp_path, screen):

@@ -262,6 +262,15 @@ def families() -> list[FamilySpec]:
     return list(_SPECS.values())
 
 
+def is_builtin(name: str) -> bool:
+    """Whether ``name`` is one of the families this package ships, known to any new process
+    (a family registered at run time exists only in the process that registered it)."""
+    return name in _BUILTIN
+
+
+_BUILTIN: set[str] = set()
+
+
 class _Labels(Mapping[str, str]):
     """Family name -> label, read from the registry at each access."""
 
@@ -337,6 +346,7 @@ def _builtin(name: str, label: str, cls: str, summary: str, **declared: Any) -> 
     """Register one of the families this package ships (``cls``: module:Class in sams_core.models)."""
     options, label_options = tuple(declared.pop("options", ())), tuple(declared.pop("label_options", ()))
     register(FamilySpec(name, label, summary, f"sams_core.models.{cls}", options, Capabilities(**declared), label_options))
+    _BUILTIN.add(name)
 
 
 _GUIDE = Option(
