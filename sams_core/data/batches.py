@@ -1,11 +1,17 @@
 """Cells on the compute device: mini-batches drawn by index, chunked sources, input statistics.
+
+The expression matrix may be held in float16 on the device (``storage="float16"``), which halves
+its memory; this is done only when every value is exact in float16 (integers up to 2048, as the
+counts of most screens are), and batches are handed to the models in float32 either way.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections import OrderedDict
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
@@ -17,6 +23,8 @@ from sams_core.errors import SamsError
 from sams_core.models.base import Batch, PerturbationModel
 
 DENSE_LIMIT_BYTES = 4 * 1024**3
+STORAGES: tuple[str, ...] = ("float32", "float16")
+"""How the expression matrix may be held on the device (see :class:`DeviceData`)."""
 
 
 def default_device() -> torch.device:
@@ -40,26 +48,40 @@ class DeviceData:
     Dense matrices are held as they are; sparse ones as CSR arrays, densified row-wise only for
     the rows of each mini-batch. :meth:`batch` gathers rows by index without host copies.
     ``X`` may also be a torch tensor already on the device (e.g. data generated there).
+    ``storage="float16"`` holds the expression values in half the memory when every value is
+    exact in float16, else keeps float32 and says why in :attr:`notes` (and a warning).
     """
 
-    def __init__(self, data: PerturbationData, idx: np.ndarray, device: torch.device, cond: np.ndarray, dense: bool | None = None):
-        self._load(_take_rows(data.X, idx), data.dosages[idx], data.library[idx], cond[idx], device, dense)
+    def __init__(
+        self, data: PerturbationData, idx: np.ndarray, device: torch.device, cond: np.ndarray,
+        dense: bool | None = None, storage: str = "float32",
+    ):
+        self._load(_take_rows(data.X, idx), data.dosages[idx], data.library[idx], cond[idx], device, dense, storage)
 
     @classmethod
     def from_arrays(
-        cls, X: Any, dosages: np.ndarray, library: np.ndarray, cond: np.ndarray, device: torch.device, dense: bool | None = None
-    ) -> "DeviceData":
+        cls, X: Any, dosages: np.ndarray, library: np.ndarray, cond: np.ndarray, device: torch.device,
+        dense: bool | None = None, storage: str = "float32",
+    ) -> DeviceData:
         """Cells given as arrays (rows of ``X`` with their dosages, library sizes, condition ids)."""
         self = cls.__new__(cls)
-        self._load(X, dosages, library, cond, device, dense)
+        self._load(X, dosages, library, cond, device, dense, storage)
         return self
 
-    def _load(self, X: Any, dosages: np.ndarray, library: np.ndarray, cond: np.ndarray, device: torch.device, dense: bool | None) -> None:
+    def _load(
+        self, X: Any, dosages: np.ndarray, library: np.ndarray, cond: np.ndarray, device: torch.device,
+        dense: bool | None, storage: str,
+    ) -> None:
+        if storage not in STORAGES:
+            raise SamsError(f"Unknown storage {storage!r} for the expression matrix. Choose one of: {', '.join(STORAGES)}.")
         self.device = device
+        self.notes: list[str] = []
         self.n = int(X.shape[0])
         self.n_genes = int(X.shape[1])
         if isinstance(X, torch.Tensor):
-            self.x = X.to(device=device, dtype=torch.float32)
+            # a float16 tensor kept as it is when float16 storage is asked for (no float32 copy)
+            keep_half = storage == "float16" and X.dtype == torch.float16
+            self.x = X.to(device=device, dtype=torch.float16 if keep_half else torch.float32)
         else:
             if dense is None:
                 dense = (not sp.issparse(X)) or self.n * self.n_genes * 4 <= DENSE_LIMIT_BYTES
@@ -73,13 +95,45 @@ class DeviceData:
                 if sp.issparse(X):
                     X = X.toarray()
                 self.x = torch.as_tensor(np.asarray(X, dtype=np.float32), device=device)
+        if storage == "float16":
+            self._store_half()
         self.d = torch.as_tensor(np.asarray(dosages), device=device)
         self.library = torch.as_tensor(np.asarray(library), device=device)
         self.cond = torch.as_tensor(np.asarray(cond).astype(np.int64), device=device)
 
+    def _store_half(self) -> None:
+        """Hold the expression values in float16 if that loses nothing, else say why not."""
+        values = self.x if self.x is not None else self.val
+        half = values.to(torch.float16)
+        if torch.equal(half.to(values.dtype), values):
+            if self.x is not None:
+                self.x = half
+            else:
+                self.val = half
+            return
+        note = (
+            "float16 storage would round some expression values (float16 holds integers exactly only "
+            "up to 2048, and few fractions); the matrix stays in float32. Use storage='float32' to "
+            "silence this, or filter the extreme genes."
+        )
+        self.notes.append(note)
+        warnings.warn(note, RuntimeWarning, stacklevel=4)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes this object holds on its device (expression, dosages, library sizes, condition ids)."""
+        held = [self.x] if self.x is not None else [self.crow, self.col, self.val]
+        return sum(t.numel() * t.element_size() for t in [*held, self.d, self.library, self.cond])
+
+    @property
+    def gathers_on_device(self) -> bool:
+        """Whether :meth:`batch` is pure device indexing (dense storage): no host synchronisation,
+        no data-dependent shapes, so it can run inside a compiled, graph-captured step."""
+        return self.x is not None
+
     def _rows(self, idx: torch.Tensor) -> torch.Tensor:
         if self.x is not None:
-            return self.x[idx]
+            return self.x[idx].float()
         starts = self.crow[idx]
         lens = self.crow[idx + 1] - starts
         total = int(lens.sum())
@@ -87,7 +141,7 @@ class DeviceData:
         first = torch.repeat_interleave(starts - (torch.cumsum(lens, 0) - lens), lens, output_size=total)
         src = first + torch.arange(total, device=self.device)
         out = torch.zeros(idx.numel(), self.n_genes, device=self.device)
-        out[row_ids, self.col[src]] = self.val[src]
+        out[row_ids, self.col[src]] = self.val[src].float()
         return out
 
     def batch(self, idx: torch.Tensor) -> Batch:
@@ -210,6 +264,7 @@ class ChunkedSource:
         chunk_size: int | None = None,
         chunks_per_buffer: int = 8,
         dense: bool | None = None,
+        storage: str = "float32",
     ):
         self.X = X
         self.rows = np.asarray(idx, dtype=np.int64)
@@ -222,6 +277,7 @@ class ChunkedSource:
         self.chunks_per_buffer = int(chunks_per_buffer)
         self.n_chunks = max(1, math.ceil(self.n / self.chunk_size))
         self.dense = dense
+        self.storage = storage
         self.d = torch.as_tensor(np.asarray(dosages)[self.rows], device=self.device)
         self.library = torch.as_tensor(np.asarray(library)[self.rows], device=self.device)
         self.cond = torch.as_tensor(np.asarray(cond)[self.rows].astype(np.int64), device=self.device)
@@ -238,7 +294,7 @@ class ChunkedSource:
         rows = self.rows[lo:hi]
         block = self.X.take(rows) if isinstance(self.X, BackedMatrix) else _take_rows(self.X, rows)
         empty = np.zeros(0, np.float32)
-        dd = DeviceData.from_arrays(block, empty, empty, empty, self.device, self.dense)
+        dd = DeviceData.from_arrays(block, empty, empty, empty, self.device, self.dense, self.storage)
         self.chunk_reads += 1
         self._cache[c] = dd
         while len(self._cache) > self._capacity:
@@ -257,6 +313,8 @@ class ChunkedSource:
             local = torch.as_tensor(pos[sel] - int(c) * self.chunk_size, device=self.device)
             out[torch.as_tensor(sel, device=self.device)] = self._chunk(int(c))._rows(local)
         return out
+
+    gathers_on_device = False  # batches are assembled on the host from chunks (see DeviceData.gathers_on_device)
 
     def batch(self, idx: torch.Tensor) -> Batch:
         """The cells at positions ``idx`` (a CPU tensor, as :meth:`order` gives) as a model batch."""
