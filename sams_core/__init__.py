@@ -12,8 +12,9 @@ The functions a user reaches for, one import away (``import sams_core as sc``)::
     adata = sc.simulate_sams_screen(n_perturbations=30, seed=0)  # a screen with its answer key
 
 The package is laid out in wings, each importing only the wings below it (``tests/
-test_architecture.py`` checks it): ``models`` (families, registry, distributions), ``simulate``,
-``plots``, ``io`` (bundles), ``data`` (screens, labels, splits, device batches), ``evaluation``
+test_architecture.py`` checks it): ``labels`` (the grammar of condition labels), ``models``
+(families, registry, distributions), ``simulate``, ``plots``, ``io`` (bundles), ``data`` (the data
+contract, screens, splits, device batches), ``evaluation``
 (metrics, baselines, truth), ``training`` (the loop), ``interpret`` (effects, programs, gene sets,
 UMAP, write-back), then ``pipeline``, ``demo`` and ``cli``. The names below load on first use, so
 ``import sams_core`` stays light (the dashboard's home page never loads PyTorch).
@@ -56,6 +57,7 @@ _PUBLIC: dict[str, str] = {
     "write_back": "sams_core.interpret.writeback:write_back",
     "simulate_sams_screen": "sams_core.simulate:simulate_sams_screen",
     "simulate_svae_screen": "sams_core.simulate:simulate_svae_screen",
+    "simulate_reference_screen": "sams_core.simulate:simulate_reference_screen",
     "truth_from_adata": "sams_core.simulate:truth_from_adata",
     "families": "sams_core.models.registry:families",
 }
@@ -76,7 +78,12 @@ if TYPE_CHECKING:  # typed signatures for editors and type checkers; loaded lazi
     from sams_core.models.registry import families
     from sams_core.pipeline import SplitSpec, data_for_bundle, train_bundle
     from sams_core.pipeline import train_bundle as train
-    from sams_core.simulate import simulate_sams_screen, simulate_svae_screen, truth_from_adata
+    from sams_core.simulate import (
+        simulate_reference_screen,
+        simulate_sams_screen,
+        simulate_svae_screen,
+        truth_from_adata,
+    )
     from sams_core.training.trainer import TrainConfig, fit
 
 
