@@ -7,6 +7,8 @@ import streamlit as st
 import sams_core
 from explorer import state as S
 from sams_core import plots
+from sams_core.io.manifest import csv_text, markdown_table, metrics_table, model_label
+from sams_core.models.registry import label as family_label
 
 st.title("SAMS Explorer")
 st.caption(f"sams_core {sams_core.__version__}")
@@ -20,31 +22,38 @@ sel = S.selection()
 if sel.data_src is None:
     st.info(sel.problem)
     st.stop()
-manifest = sel.manifest()
-if manifest is None:
+
+
+def screen_counts(note: str | None = None) -> None:
+    """The screen's counts, read from the file (cached on disk): the home page never waits for
+    PyTorch. Pages that use the model load it and check that it fits the data."""
     counts = S.guarded(lambda: S.data_summary(*sel.data_src))
     if counts is None:
         st.stop()
-    st.subheader(sel.data_label)
+    if note:
+        st.caption(note)
     c = st.columns(5)
     c[0].metric("Cells", f"{counts.cells:,}")
     c[1].metric("Genes", f"{counts.genes:,}")
     c[2].metric("Perturbations", counts.perturbations)
     c[3].metric("Combinations", counts.combinations)
     c[4].metric("Control cells", f"{counts.control_cells:,}")
+    if counts.simulated:
+        st.success("Simulated data: the answer key (`uns['sams_truth']`) is shown beside the model where it applies.")
+
+
+manifest = sel.manifest()
+if manifest is None:
+    st.subheader(sel.data_label)
+    screen_counts()
     if sel.model_name is None:
         st.info(S.NO_MODEL)
         st.page_link("pages/6_Train.py", label="Train a model on this screen", icon=":material/model_training:")
     st.stop()
 
-# What the bundle's manifest holds is shown first; the screen's counts after, so the first chart
-# waits for neither.
-from sams_core.models.registry import FAMILY_LABELS
-from sams_core.io.manifest import csv_text, markdown_table, metrics_table, model_label
-
 label = model_label(manifest)
 st.subheader(f"{sel.data_label} · {label}")
-summary = st.container()
+summary = st.container()  # filled last: what the bundle's manifest holds is drawn first
 left, right = st.columns([3, 2])
 history = manifest.get("training", {}).get("history", [])
 with left:
@@ -73,23 +82,10 @@ with right:
         st.markdown(markdown_table([["hyper-parameter", "value"], *([k, str(v)] for k, v in hparams.items())]))
 
 with summary:
-    # The screen's counts come from the file (cached on disk), not from a loaded model: the home
-    # page never waits for PyTorch. Pages that use the model load it and check it fits the data.
-    counts = S.guarded(lambda: S.data_summary(*sel.data_src))
-    if counts is None:
-        st.stop()
     hp = manifest.get("hparams") or {}
-    st.caption(f"Model family: {FAMILY_LABELS.get(manifest.get('family'), manifest.get('family', '?'))} · "
-               f"{hp.get('n_latent', '?')} latent units · {hp.get('likelihood', '?')} likelihood · "
-               f"trained on {manifest.get('data', {}).get('n_cells', '?')} cells")
-    c = st.columns(5)
-    c[0].metric("Cells", f"{counts.cells:,}")
-    c[1].metric("Genes", f"{counts.genes:,}")
-    c[2].metric("Perturbations", counts.perturbations)
-    c[3].metric("Combinations", counts.combinations)
-    c[4].metric("Control cells", f"{counts.control_cells:,}")
-    if counts.simulated:
-        st.success("Simulated data: the answer key (`uns['sams_truth']`) is shown beside the model where it applies.")
+    screen_counts(f"Model family: {family_label(manifest.get('family', '?'))} · "
+                  f"{hp.get('n_latent', '?')} latent units · {hp.get('likelihood', '?')} likelihood · "
+                  f"trained on {manifest.get('data', {}).get('n_cells', '?')} cells")
 
 st.markdown(
     "**Pages** — *Masks*: which units each perturbation targets · *Latent space*: UMAP of cells · "

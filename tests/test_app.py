@@ -16,3 +16,17 @@ def test_home_renders_with_version():
     assert not at.exception
     assert at.title[0].value == "SAMS Explorer"
     assert sams_core.__version__ in at.caption[0].value
+
+
+def test_home_draws_without_pytorch():
+    """The first page a user sees never waits for PyTorch (cold start, DESIGN §6)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\nfrom streamlit.testing.v1 import AppTest\n"
+        f"at = AppTest.from_file({APP!r}, default_timeout=60).run()\n"
+        "assert not at.exception, at.exception\nprint('torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip().splitlines()[-1] == "False", out.stderr[-2000:]
