@@ -55,10 +55,14 @@ label = model_label(manifest)
 st.subheader(f"{sel.data_label} · {label}")
 summary = st.container()  # filled last: what the bundle's manifest holds is drawn first
 left, right = st.columns([3, 2])
-history = manifest.get("training", {}).get("history", [])
+training = manifest.get("training", {})
+history = training.get("history", [])
 with left:
     if history:
-        S.chart(plots.history_figure(history, f"Training loss · {label}"), "training_loss", "home_history")
+        S.chart(plots.history_figure(history, f"Training loss · {label}", kept_epoch=training.get("best_epoch")),
+                "training_loss", "home_history")
+        for note in training.get("notes") or []:
+            st.caption(note)
     else:
         st.info("This bundle records no training history.")
 with right:

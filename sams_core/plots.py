@@ -115,18 +115,41 @@ def _number(v) -> float:
         return float("nan")
 
 
-def history_figure(history: Sequence[dict] | pd.DataFrame, title: str = "Training loss") -> go.Figure:
-    """Train and validation loss per epoch (a training history as records or a table)."""
+def history_figure(
+    history: Sequence[dict] | pd.DataFrame, title: str = "Training loss", kept_epoch: int | None = None
+) -> go.Figure:
+    """The untempered −ELBO per cell, train and validation, per epoch (a training history as
+    records or a table), with the training schedule's phases and the kept state marked.
+
+    The training curve is the ``term_neg_elbo`` column (the paper's −ELBO, whatever prior weight
+    the schedule trained with) where the history has it, else ``train_loss``; a dotted line marks
+    each change of ``phase`` ("warmup" → "sparsify" → "final") and a star the ``kept_epoch``.
+    """
     records = history.to_dict("records") if hasattr(history, "to_dict") else list(history)
     fig = go.Figure()
     if records and all("epoch" in r for r in records):
-        for col, name in (("train_loss", "train"), ("val_loss", "validation")):
+        epochs = [r["epoch"] for r in records]
+        has_elbo = any(np.isfinite(_number(r.get("term_neg_elbo"))) for r in records)
+        train_col = "term_neg_elbo" if has_elbo else "train_loss"
+        curves = {}
+        for col, name in ((train_col, "train"), ("val_loss", "validation")):
             values = np.array([_number(r.get(col)) for r in records], dtype=float)
             if np.isfinite(values).any():
-                fig.add_trace(go.Scatter(x=[r["epoch"] for r in records], y=values, mode="lines+markers", name=name,
-                                         marker=dict(size=4)))
+                curves[name] = values
+                fig.add_trace(go.Scatter(x=epochs, y=values, mode="lines+markers", name=name, marker=dict(size=4)))
+        phases = [r.get("phase") for r in records]
+        for i in range(1, len(records)):
+            if phases[i] and phases[i - 1] and phases[i] != phases[i - 1]:
+                fig.add_vline(x=epochs[i - 1] + 0.5, line_dash="dot", line_color="grey",
+                              annotation_text=str(phases[i]), annotation_position="top")
+        if kept_epoch is not None and kept_epoch in epochs and curves:
+            values = curves.get("validation", curves.get("train"))
+            y = values[epochs.index(kept_epoch)]
+            if np.isfinite(y):
+                fig.add_trace(go.Scatter(x=[kept_epoch], y=[y], mode="markers", name="kept state",
+                                         marker={"symbol": "star", "size": 12}))
     fig.update_xaxes(title="epoch")
-    fig.update_yaxes(title="loss (−ELBO per cell)")
+    fig.update_yaxes(title="−ELBO per cell (untempered)")
     return _layout(fig, title, height=320)
 
 

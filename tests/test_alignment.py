@@ -96,16 +96,17 @@ def test_align_units_makes_the_model_sparse():
     assert ((np.abs(got) > 0.5).sum(1) == 1).all()
 
 
-def test_schedule_aligns_once_then_uses_the_full_prior_weight():
+def test_schedule_aligns_once_then_trains_the_final_objective():
     m = _model("mean-field", align_at=0.25, global_weight=10.0, warmup_global_weight=1.0)
-    assert m.current_global_weight == 1.0
+    assert m.current_global_weight == 1.0 and m.schedule_phase == "warmup"
     assert not m.end_epoch(1, 8)
     assert m.end_epoch(2, 8)
-    assert m.aligned and m.current_global_weight == 10.0
+    assert m.aligned and m.schedule_phase == "final" and m.current_global_weight == 10.0
     assert torch.allclose(torch.sigmoid(m.mask_logits), torch.full((12, 4), 0.5))
     assert not m.end_epoch(3, 8)
-    never = _model("mean-field", align_at=None)
-    assert never.aligned and not never.end_epoch(5, 8) and never.current_global_weight == 15.0
+    never = _model("mean-field", align_at=None)  # the paper's ELBO from the first epoch
+    assert not never.aligned and never.schedule_phase == "final"
+    assert not never.end_epoch(5, 8) and never.current_global_weight == 1.0
     cpa = build_model("cpa_vae", n_genes=20, n_perturbations=12, n_latent=4, n_hidden=16)
     assert cpa.current_global_weight == 1.0 and not cpa.end_epoch(7, 8)
     with pytest.raises(ValueError, match="align_at"):

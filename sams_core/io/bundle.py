@@ -146,6 +146,9 @@ def make_manifest(
             "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
             "family": model.family,
             "hparams": dict(model.hparams),
+            # where the training schedule stands (phase, prior weight in force, alignment, N_t):
+            # with the hyper-parameters and weights, what reproduces the training objective
+            "training_state": model.training_state(),
             "genes": list(genes),
             "perturbations": list(perturbations),
             "conditions": conditions,
@@ -210,6 +213,9 @@ def load_bundle(source: str | Path | bytes, device: str | torch.device | None = 
     try:
         model = registry.build_model(family, **hparams)
         model.load_state_dict(state, strict=True)
+        recorded = manifest.get("training_state")
+        # bundles written before the state was recorded were saved after their schedule had run
+        model.restore_training_state(recorded if isinstance(recorded, dict) else {"phase": "final"})
     except (TypeError, ValueError, RuntimeError) as exc:
         raise SamsError(f"The bundle's weights do not fit a {family} model with its hyper-parameters ({exc}).") from exc
     if len(manifest.get("genes", [])) != model.n_genes or len(manifest.get("perturbations", [])) != model.n_perturbations:

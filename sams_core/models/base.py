@@ -24,7 +24,8 @@ knowing it: :meth:`~PerturbationModel.data_hparams`, :meth:`~PerturbationModel.p
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 
@@ -248,8 +249,53 @@ class PerturbationModel(nn.Module):
 
     def end_epoch(self, epoch: int, total_epochs: int) -> bool:
         """Called by training after each epoch (1-based) of ``total_epochs``; True when the model
-        re-expressed its parameters (the optimiser must start afresh). Nothing by default."""
+        re-expressed its parameters (the optimiser must start afresh). Nothing by default.
+
+        A family with a training schedule also moves :attr:`schedule_phase` here; training keeps
+        the best state of the last phase and says when an earlier phase had a better one."""
         return False
+
+    @property
+    def schedule_phase(self) -> str:
+        """Name of the training schedule's phase the model is in ("final": the objective the
+        delivered model is trained on; families without a schedule are always there)."""
+        return "final"
+
+    def training_state(self) -> dict[str, Any]:
+        """What, beyond weights and hyper-parameters, fixes the training objective: the schedule's
+        phase and the prior weight in force, and N_t, the training cells per perturbation (the
+        1/N_t charge of global terms; also in the weights as ``pert_counts``). Saved in bundles."""
+        return {
+            "phase": self.schedule_phase,
+            "global_weight_in_force": 1.0,
+            "n_t": [float(v) for v in self.pert_counts.detach().cpu().tolist()],
+        }
+
+    def restore_training_state(self, state: dict[str, Any]) -> None:
+        """Put the schedule back where :meth:`training_state` recorded it (a reloaded bundle then
+        computes the same training objective). N_t comes back with the weights."""
+
+    def global_counts(self, dosages: np.ndarray, cond: np.ndarray) -> dict[str, torch.Tensor]:
+        """The count buffers that charge global terms (name → counts) for a set of cells given
+        by their dosage rows and condition ids: N_t, the cells with each perturbation."""
+        counts = (np.asarray(dosages) != 0).sum(0).astype(np.float32)
+        return {"pert_counts": torch.as_tensor(counts).clamp_min(1.0)}
+
+    @contextlib.contextmanager
+    def charged_to(self, dosages: np.ndarray, cond: np.ndarray) -> Iterator[None]:
+        """Within the block, global terms are charged with the counts of these cells (e.g. the
+        validation split's N_t when scoring validation cells), then the training counts return."""
+        new = self.global_counts(dosages, cond)
+        saved = {name: getattr(self, name).clone() for name in new}
+        try:
+            with torch.no_grad():
+                for name, value in new.items():
+                    getattr(self, name).copy_(value.to(getattr(self, name).device))
+            yield
+        finally:
+            with torch.no_grad():
+                for name, value in saved.items():
+                    getattr(self, name).copy_(value)
 
     def loss(self, batch: Batch, n_particles: int = 5) -> LossOutput:
         raise NotImplementedError

@@ -47,7 +47,10 @@ class Option:
     ``default`` the value the model takes when the option is not given; ``choices`` the allowed
     values (or None); ``flag`` the command-line flag (default ``--`` + name with dashes);
     ``low``/``high`` bounds of a number (``low_open``/``high_open``: the bound itself excluded);
-    ``none_allowed``: None is a meaningful value (written ``none`` on the command line).
+    ``none_allowed``: None is a meaningful value (written ``none`` on the command line);
+    ``label``: how the model's label shows a value other than the default when the family names
+    this option in ``label_options`` (a format string, e.g. ``"tempered ×{:g}"``; empty: the value
+    itself, always).
     """
 
     name: str
@@ -61,6 +64,7 @@ class Option:
     low_open: bool = False
     high_open: bool = False
     none_allowed: bool = False
+    label: str = ""
 
     def __post_init__(self) -> None:
         if not self.name.isidentifier():
@@ -165,7 +169,9 @@ class FamilySpec:
     """A model family as users see it: ``name`` (stored in bundles), ``label`` (shown), a one-line
     ``summary``, its ``options``, its ``capabilities`` and ``class_path`` (``"module:Class"``).
 
-    ``label_options`` names options whose value the label shows, e.g. "SAMS-VAE (correlated)".
+    ``label_options`` names options whose value the label shows, e.g. "SAMS-VAE (correlated)"; an
+    option with a ``label`` format is shown only when it differs from its default, e.g.
+    "SAMS-VAE (mean-field, tempered ×15)".
     """
 
     name: str
@@ -336,7 +342,15 @@ def label(manifest_or_family: Mapping[str, Any] | str, hparams: Mapping[str, Any
     spec = _SPECS.get(family)
     if spec is None:
         return str(family)
-    shown = [str(hp[n]) for n in spec.label_options if hp.get(n) not in (None, "")]
+    shown = []
+    for n in spec.label_options:
+        opt, value = spec.option(n), hp.get(n)
+        if opt.label:
+            value = opt.default if n not in hp else value
+            if value != opt.default:
+                shown.append(opt.label.format(value) if value is not None else f"{n} none")
+        elif value not in (None, ""):
+            shown.append(str(value))
     return f"{spec.label} ({', '.join(shown)})" if shown else spec.label
 
 
@@ -357,15 +371,21 @@ _GUIDE = Option(
 _builtin(
     "sams_vae", "SAMS-VAE", "sams_vae:SAMSVAE",
     "Sparse additive mechanism shifts: each perturbation moves a few latent units, a combination the sum of its members' shifts.",
-    has_masks=True, composes_unseen_combinations=True, label_options=("guide",), options=(
+    has_masks=True, composes_unseen_combinations=True, label_options=("guide", "global_weight"), options=(
         _GUIDE,
         Option("mask_prior", float, 0.01, "prior probability α that a perturbation acts on a latent unit",
                low=0.0, high=1.0, low_open=True, high_open=True),
+        # the training schedule: align, optionally prune at a temporary weight, end on the final objective
         Option("align_at", float, 0.25, "fraction of the budget after which the latent basis is turned to the sparsest "
-               "rotation of the perturbation shifts and the prior takes its full weight ('none': never)",
+               "rotation of the perturbation shifts ('none': never)",
                low=0.0, high=1.0, high_open=True, none_allowed=True),
-        Option("global_weight", float, 15.0, "weight of the mask and embedding prior terms after the alignment "
-               "(1 = the paper's ELBO)", low=0.0),
+        Option("sparsify_weight", float, 1.0, "temporary weight of the mask and embedding prior terms for "
+               "sparsify_for of the budget after the alignment (1: none)", low=0.0),
+        Option("sparsify_for", float, 0.0, "fraction of the budget after the alignment trained at sparsify_weight, "
+               "before the final phase", low=0.0, high=1.0, high_open=True),
+        Option("global_weight", float, 1.0, "weight of the mask and embedding prior terms in the final objective: "
+               "1 = the paper's ELBO (the SAMS-VAE posterior); any other value trains a tempered posterior",
+               low=0.0, label="tempered ×{:g}"),
     ),
 )
 _builtin(
@@ -387,7 +407,14 @@ _builtin(
     "svae_plus", "sVAE+", "svae:SVAEPlus",
     "Sparse mechanism shift with one label per cell: each condition, a combination included, learns its own sparse shift.",
     has_masks=True, composes_unseen_combinations=False, one_condition_per_cell=True,
-    options=(Option("beta", float, 60.0, "Beta(1, β) mask prior (β > 1 is sparse)", low=0.0, low_open=True),),
+    label_options=("beta", "align_at"),
+    options=(
+        Option("beta", float, 10.0, "Beta(1, β) mask prior (β > 1 is sparse; 10 as published)", low=0.0, low_open=True,
+               label="β={:g}"),
+        Option("align_at", float, None, "tuned variant: fraction of the budget after which the latent basis is turned "
+               "to the sparsest rotation of the condition shifts ('none': never, as published)",
+               low=0.0, high=1.0, high_open=True, none_allowed=True, label="aligned at {:g}"),
+    ),
 )
 
 

@@ -7,12 +7,22 @@ x ~ likelihood(decoder(z)). The shift of a combination is the sum of its members
 Guide: q(M) independent Bernoulli logits, sampled straight-through; q(E) free Normals
 (``guide="mean-field"``) or an MLP of [m_t, onehot(t)] (``guide="correlated"``, q(E | M));
 q(z_b | x, shift) an encoder on standardised expression and the sampled shift.
+
+Training schedule (DESIGN §2, "defaults are the papers' models"): the likelihood does not identify
+the latent basis, so after ``align_at`` × the budget the basis is turned to the rotation in which
+the perturbation shifts are sparsest (:meth:`SAMSVAE.align_units`); for the next
+``sparsify_for`` × the budget the prior terms may carry a temporary weight ``sparsify_weight``
+that prunes the masks in the new basis; the last phase ("final") trains the objective whose
+prior weight is ``global_weight`` — 1, the paper's ELBO, by default, so the delivered masks,
+embeddings and intervals are the SAMS-VAE posterior. ``global_weight`` ≠ 1 is a *tempered*
+posterior and the model's label says so. The schedule runs through :meth:`SAMSVAE.end_epoch`;
+where it stands (:meth:`SAMSVAE.training_state`) is saved in bundles.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -54,7 +64,10 @@ class SAMSVAE(PerturbationModel):
         mask_prior: float = 0.01, embedding_prior_scale: float = 1.0,  # priors: P(m = 1) and the scale of e
         embed_hidden: int = 400, embed_layers: int = 2,  # the correlated guide's network
         temperature: float = 1.0, mask_init_logit: float = 0.0,  # the relaxed masks
-        global_weight: float = 15.0, warmup_global_weight: float = 1.0,  # prior terms after / before alignment
+        # the schedule (module docstring): prior weight of the final objective (1 = the paper's
+        # ELBO), before the alignment, and for ``sparsify_for`` × the budget after it
+        global_weight: float = 1.0, warmup_global_weight: float = 1.0,
+        sparsify_weight: float = 1.0, sparsify_for: float = 0.0,
         align_at: float | None = 0.25, align_mask_logit: float = 0.0,  # when to align, masks restart at
         **common: Any,
     ):
@@ -67,9 +80,12 @@ class SAMSVAE(PerturbationModel):
             temperature=temperature, mask_init_logit=mask_init_logit,
             global_weight=global_weight, align_at=align_at,
             warmup_global_weight=warmup_global_weight, align_mask_logit=align_mask_logit,
+            sparsify_weight=sparsify_weight, sparsify_for=sparsify_for,
             **common,
         )
         check_align_at(align_at)
+        if not 0.0 <= sparsify_for < 1.0:
+            raise SamsError(f"sparsify_for must be a fraction of the training budget in [0, 1), got {sparsify_for!r}.")
         self.guide = guide
         self.use_masks = self.has_masks
         self.temperature = temperature
@@ -77,8 +93,12 @@ class SAMSVAE(PerturbationModel):
         self.align_at = align_at
         self.warmup_global_weight = warmup_global_weight
         self.align_mask_logit = align_mask_logit
-        # before the basis is aligned the global terms carry ``warmup_global_weight``
-        self.aligned = align_at is None or align_at == 0.0
+        self.sparsify_weight = sparsify_weight
+        self.sparsify_for = sparsify_for
+        # where the schedule stands: "warmup" (before the alignment), "sparsify", "final"
+        self.phase = "final" if (align_at is None or align_at == 0.0 or not self.has_masks) else "warmup"
+        self.aligned = False  # whether the basis was turned by align_units during training
+        self.final_from_epoch: int | None = None  # epoch after which the sparsify phase ends
         self.log_alpha = math.log(mask_prior)
         self.log_1m_alpha = math.log1p(-mask_prior)
         self.log_s = math.log(embedding_prior_scale)
@@ -154,17 +174,30 @@ class SAMSVAE(PerturbationModel):
         m = (torch.sigmoid(self.mask_logits) >= 0.5).float() if self.use_masks else None
         return self._embedding_params(m)[0]
 
+    #: Monte-Carlo draws of the masks for the correlated guide's expected shift (fixed seed)
+    SHIFT_MC_DRAWS: ClassVar[int] = 256
+
+    def expected_shift_table(self) -> torch.Tensor:
+        """E_q[m_t ⊙ e_t] per perturbation [T, K].
+
+        Mean-field: p ⊙ E[e] exactly. Correlated guide: E[e_t | m_t] depends on the whole mask
+        vector m_t, so the expectation E_m[m ⊙ μ(m)] is taken by Monte Carlo over m ~ q(M)
+        (``SHIFT_MC_DRAWS`` draws from a fixed seed: the same table at every call).
+        """
+        if not self.use_masks:
+            return self._embedding_params(None)[0]
+        p = torch.sigmoid(self.mask_logits)
+        if self.guide == "mean-field":
+            return p * self.e_mean
+        gen = torch.Generator().manual_seed(0)
+        u = torch.rand(self.SHIFT_MC_DRAWS, *p.shape, generator=gen).to(p.device)
+        m = (u < p).to(p.dtype)  # [S, T, K] hard draws of q(M)
+        mean, _ = self._embedding_params(m)
+        return (m * mean).mean(0)
+
     def latent_shift(self, d: torch.Tensor) -> torch.Tensor:
         """Expected latent shift E_q[Σ_t d_t m_t e_t] of dosage rows ``d`` [R, T]."""
-        if self.use_masks:
-            p = torch.sigmoid(self.mask_logits)
-            if self.guide == "mean-field":
-                table = p * self.e_mean
-            else:
-                table = p * self._embedding_params(torch.ones_like(p))[0]
-        else:
-            table = self._embedding_params(None)[0]
-        return d @ table
+        return d @ self.expected_shift_table()
 
     # ---- identifiability of the latent basis ------------------------------------------
     @torch.no_grad()
@@ -197,22 +230,53 @@ class SAMSVAE(PerturbationModel):
 
     @property
     def current_global_weight(self) -> float:
-        """Weight of the global prior terms now: ``warmup_global_weight`` until the basis is
-        aligned, ``global_weight`` after."""
-        return self.global_weight if self.aligned else self.warmup_global_weight
+        """Weight of the global prior terms now: ``warmup_global_weight`` before the alignment,
+        ``sparsify_weight`` in the sparsify phase, ``global_weight`` in the final phase."""
+        return {"warmup": self.warmup_global_weight, "sparsify": self.sparsify_weight}.get(self.phase, self.global_weight)
+
+    @property
+    def schedule_phase(self) -> str:
+        return self.phase
 
     def end_epoch(self, epoch: int, total_epochs: int) -> bool:
-        """Training schedule: after ``align_at`` × the budget, align the latent basis
-        (:meth:`align_units`) and switch to the full prior weight. True when parameters were
-        re-expressed (the optimiser's running statistics no longer apply)."""
-        if self.aligned or self.align_at is None or epoch < max(1, round(self.align_at * total_epochs)):
+        """Training schedule (module docstring): after ``align_at`` × the budget, align the
+        latent basis (:meth:`align_units`) and enter the sparsify phase (or the final one when
+        ``sparsify_for`` is 0); after ``sparsify_for`` × the budget more, enter the final phase.
+        True when parameters were re-expressed (the optimiser's running statistics no longer
+        apply); a change of phase alone returns False (see :attr:`schedule_phase`)."""
+        if self.phase == "sparsify" and self.final_from_epoch is not None and epoch >= self.final_from_epoch:
+            self.phase = "final"
+            return False
+        if self.phase != "warmup" or epoch < max(1, round(self.align_at * total_epochs)):
             return False
         if epoch >= total_epochs:  # no training left to adapt to a new basis
             return False
-        if self.use_masks:
-            self.align_units(self.align_mask_logit)
+        self.align_units(self.align_mask_logit)
         self.aligned = True
+        n_sparsify = round(self.sparsify_for * total_epochs)
+        if n_sparsify > 0 and epoch + n_sparsify < total_epochs:
+            self.phase, self.final_from_epoch = "sparsify", epoch + n_sparsify
+        else:
+            self.phase = "final"
         return True
+
+    def training_state(self) -> dict[str, Any]:
+        """Where the schedule stands: phase, the prior weight in force, whether the basis was
+        aligned, the epoch the final phase starts, and N_t (training cells per perturbation)."""
+        return {
+            **super().training_state(),
+            "phase": self.phase,
+            "global_weight_in_force": self.current_global_weight,
+            "aligned": self.aligned,
+            "final_from_epoch": self.final_from_epoch,
+        }
+
+    def restore_training_state(self, state: dict[str, Any]) -> None:
+        super().restore_training_state(state)
+        if state.get("phase") in ("warmup", "sparsify", "final"):
+            self.phase = state["phase"]
+        self.aligned = bool(state.get("aligned", self.aligned))
+        self.final_from_epoch = state.get("final_from_epoch")
 
     @torch.no_grad()
     def align_units(self, mask_logit: float = 0.0) -> torch.Tensor:
@@ -251,13 +315,15 @@ class SAMSVAE(PerturbationModel):
         log_px = self.likelihood.varying(batch.x, out, log_lib).mean(0) + self.likelihood.constant(batch.x)
         kl_z = kl_normal_std_normal(mean, log_std).sum(-1).mean(0)  # [B]
         glob = (log_ratio @ self.global_weights(batch.d).t()).mean(0)  # [B]
-        elbo = log_px - kl_z + self.current_global_weight * glob
+        elbo = log_px - kl_z + glob  # the paper's ELBO, whatever the schedule's weight
+        objective = elbo + (self.current_global_weight - 1.0) * glob
         return LossOutput(
-            loss=-elbo.mean(),
+            loss=-objective.mean(),
             terms={
                 "log_px": log_px.mean().detach(),
                 "kl_z": kl_z.mean().detach(),
                 "kl_global": -glob.mean().detach(),
+                "neg_elbo": -elbo.mean().detach(),
             },
         )
 
