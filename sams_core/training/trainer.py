@@ -37,6 +37,7 @@ import copy
 import inspect
 import math
 import time
+import types
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -157,8 +158,9 @@ class TrainResult:
     """History of a run, where its kept (best-validation) state came from, and how it ran.
 
     ``compiled`` is the ``torch.compile`` mode the step ran with (None: eagerly); ``cuda_graphs``
-    whether it was captured in CUDA graphs; ``notes`` say why anything asked for did not happen
-    (a compile that fell back to eager, float16 storage refused).
+    whether it was captured in CUDA graphs; ``data_bytes`` what the training cells hold on the
+    device (0 when read in chunks); ``notes`` say why anything asked for did not happen (a compile
+    that fell back to eager, float16 storage refused).
     """
 
     history: list[EpochRecord] = field(default_factory=list)
@@ -168,6 +170,7 @@ class TrainResult:
     stopped_early: bool = False
     compiled: str | None = None
     cuda_graphs: bool = False
+    data_bytes: int = 0
     notes: list[str] = field(default_factory=list)
 
     def history_table(self) -> list[dict[str, Any]]:
@@ -264,6 +267,15 @@ def _wrap_ddp(model: PerturbationModel) -> torch.nn.Module:
         else {"broadcast_buffers": False}
     )
     return ddp_cls(model, **no_buffer_sync)
+
+
+def _own_code(method: Any) -> Any:
+    """``method`` with a code object of its own. torch.compile keeps its graphs, and counts them
+    against its recompile limit, per code object: without this, every model trained in one process
+    would add to one shared count and the ninth would stop compiling."""
+    f = method.__func__
+    g = types.FunctionType(f.__code__.replace(), f.__globals__, f.__name__, f.__defaults__, f.__closure__)
+    return types.MethodType(g, method.__self__)
 
 
 def _scalar_dtype() -> torch.dtype:
@@ -456,11 +468,14 @@ class TrainStep:
         if not torch._dynamo.is_dynamo_supported():
             self._fall_back("torch.compile is not supported with this Python or platform")
             return
+        if not hasattr(torch._dynamo.config, "trace_autograd_ops"):
+            self._fall_back(f"tracing the backward pass into the step's graph needs torch 2.11 or later (this is {torch.__version__})")
+            return
         if mode == "reduce-overhead" and device.type != "cuda":
             self.notes.append(f"compile='reduce-overhead' captures CUDA graphs on a GPU only; on {device.type} the step is compiled without them")
             mode = "default"
         self._in_graph_gather = bool(getattr(self.source, "gathers_on_device", False))
-        fn = self._positions_step if self._in_graph_gather else self._batch_step
+        fn = _own_code(self._positions_step if self._in_graph_gather else self._batch_step)
         options = {"mode": mode} if backend == "inductor" else {}
         self._compiled_fn = torch.compile(fn, fullgraph=True, dynamic=False, backend=backend, **options)
         self._mode = mode
@@ -652,7 +667,7 @@ def fit(
     step = TrainStep(model, tr, cfg, pl)
     epochs = _epochs(tr.n, cfg)
     gen = tr.generator(cfg.seed)
-    result = TrainResult()
+    result = TrainResult(data_bytes=int(getattr(tr, "nbytes", 0)))
     best = _BestState(result)
     t_start = time.perf_counter()
     model.train()
