@@ -1,21 +1,38 @@
-"""Seconds per epoch at Norman scale, against the floor set by the device's matrix-multiply rate.
+"""Seconds per epoch at Norman scale in eager, compiled and CUDA-graph modes, float32 and bf16,
+against the floor set by the device's matrix-multiply rate.
 
-DESIGN §6 / issue 7 configuration: a synthetic screen generated on the device (111,000 cells ×
+DESIGN §6 / issue 17 configuration: a synthetic screen generated on the device (111,000 cells ×
 5,000 genes of negative-binomial counts, 105 single perturbations and 130 two-perturbation
 combinations, ~10 % controls), K = 200, one 400-wide hidden layer, batch 512, 5 particles;
 SAMS-VAE with the correlated guide (4 × 400 embedding network), CPA-VAE with the same guide and
-the conditional VAE. Training runs through ``sams_core.train.fit`` exactly as users run it
-(counts dense on the device, mini-batches gathered by index, no validation).
+the conditional VAE. Training runs through ``sams_core.training.trainer.fit`` exactly as users run
+it (counts on the device, mini-batches gathered by index, no validation); 2 % of the cells are
+held out and scored after training.
 
-    python bench/gpu_train.py                      # on the GPU (H100/H200), full size
-    python bench/gpu_train.py --small              # CPU-sized: 5,000 cells × 500 genes, K = 50
-    python bench/gpu_train.py --precision bf16-mixed --compile --epochs 5
+    python bench/gpu_train.py                          # on the GPU (H100/H200), full size, every mode
+    python bench/gpu_train.py --small                  # CPU-sized: 5,000 cells × 500 genes, K = 50
+    python bench/gpu_train.py --modes graphs --precisions float32 --models sams_vae
+    bash bench/gpu_check.sh                            # device tests, then this, in < 8 min
+
+Modes: ``eager``; ``compiled`` = ``TrainConfig(compile="default")``, the whole step (forward,
+backward, Adam) one ``torch.compile(fullgraph=True)`` graph; ``graphs`` =
+``TrainConfig(compile="reduce-overhead")``, the same graph captured in CUDA graphs (on a CPU it
+is compiled without them, and the row says so). Compiled modes leave out the last partial batch
+(static shapes). ``--compile-backend eager`` traces with Dynamo only (no code generation): a
+quick check on a CPU that every step compiles as one graph, whose timings are not those of
+compiled code.
 
 Columns: seconds per epoch (median of ``--epochs`` timed epochs after one warm-up epoch, whose
-time is shown separately: it includes compilation with ``--compile``), cells per second, peak
-memory (GPU: ``torch.cuda.max_memory_allocated``, data included; CPU: the process's peak
-resident set), the analytic FLOPs of one step, the floor and how far the measured epoch is from
-it, and the training -ELBO of the last epoch (to compare precisions).
+time is shown separately: it includes compilation and CUDA-graph capture), cells per second, peak
+memory (GPU: ``torch.cuda.max_memory_allocated``, data included; CPU: the process's peak resident
+set), the training cells' bytes on the device (``--data-dtype float16`` halves them when the
+counts are exact in float16), the floor and how far the measured epoch is from it, and the
+held-out negative ELBO after training (float32 scoring, fixed noise).
+
+bf16 check: for each model and mode, bf16's held-out -ELBO against float32's over the same steps.
+"Within noise" means the difference is at most 3 × the noise, the larger of (a) the difference
+between two float32 eager runs that differ only in their seed and (b) the standard error of the
+held-out mean (spread of the batch means).
 
 FLOP count (matrix products only). A dense layer n_in → n_out on R rows costs 2·R·n_in·n_out
 FLOPs forward; backward costs the same again for the weight gradient and once more for the
@@ -39,16 +56,24 @@ Elementwise work (likelihood, activations, sampling, Adam) is not counted: the f
 the same precision (``--matmul-size``); the rate at the decoder's own shape (P·B × H by H × G)
 is printed too. At batch 512 the step is launch-bound on a GPU, so the gap to the floor is
 mostly kernel launches and Python; see DESIGN §6.
+
+``--budget-s`` stops starting new runs after that many seconds (their rows say "skipped"), so a
+prepared GPU run always ends with its table; with ``--out DIR`` (default: ``$OUT`` when set) the
+table is also written there as Markdown (``gpu_train.md``).
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
+import os
 import resource
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -56,15 +81,19 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from sams_core.data.batches import DeviceData, condition_ids
 from sams_core.data.screen import PerturbationData
-from sams_core.models.registry import FAMILY_LABELS
 from sams_core.models.base import PerturbationModel
+from sams_core.models.registry import FAMILY_LABELS
 from sams_core.training.build import build_for_data
-from sams_core.training.trainer import TrainConfig, fit
+from sams_core.training.trainer import TrainConfig, TrainResult, fit
 
-FULL = dict(cells=111_000, genes=5_000, latent=200, perturbations=105, combinations=130, hidden=400, epochs=3)
-SMALL = dict(cells=5_000, genes=500, latent=50, perturbations=105, combinations=130, hidden=400, epochs=3)
+FULL = {"cells": 111_000, "genes": 5_000, "latent": 200, "perturbations": 105, "combinations": 130, "hidden": 400, "epochs": 3}
+SMALL = {"cells": 5_000, "genes": 500, "latent": 50, "perturbations": 105, "combinations": 130, "hidden": 400, "epochs": 3}
 MODELS = ("sams_vae", "cpa_vae", "conditional_vae")
+MODES = {"eager": None, "compiled": "default", "graphs": "reduce-overhead"}
+PRECISIONS = ("float32", "bf16-mixed")
+HELDOUT = "test"
 
 
 # ---- data, generated on the device -------------------------------------------------------------
@@ -138,7 +167,7 @@ def _dense(rows: float, n_in: int, n_out: int, input_grad: bool = True) -> tuple
 def _mlp(rows: float, n_in: int, hidden: int, n_out: int, layers: int, data_input: bool) -> tuple[float, float]:
     widths = [n_in] + [hidden] * layers + [n_out]
     fw = tot = 0.0
-    for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
+    for i, (a, b) in enumerate(itertools.pairwise(widths)):
         f, t = _dense(rows, a, b, input_grad=not (i == 0 and data_input))
         fw, tot = fw + f, tot + t
     return fw, tot
@@ -181,8 +210,6 @@ def step_flops(model: PerturbationModel, batch: int, particles: int) -> dict[str
 def counted_step_flops(model: PerturbationModel, data: PerturbationData, batch: int, particles: int, device: torch.device) -> float:
     """FLOPs of one step (loss and backward) as counted by ``torch.utils.flop_counter`` (a check)."""
     from torch.utils.flop_counter import FlopCounterMode
-
-    from sams_core.data.batches import DeviceData, condition_ids
 
     model.to(device)
     n = min(batch, data.n_cells)
@@ -241,8 +268,153 @@ def peak_memory(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
+# ---- held-out score ---------------------------------------------------------------------------
+@torch.no_grad()
+def heldout_elbo(
+    model: PerturbationModel, data: PerturbationData, cells: np.ndarray, device: torch.device, particles: int, seed: int,
+    batch: int = 512,
+) -> tuple[float, float]:
+    """Mean negative ELBO per held-out cell (float32, noise seeded by ``seed``) and its standard
+    error, from the spread of the batch means."""
+    dd = DeviceData(data, cells, device, condition_ids(model, data))
+    torch.manual_seed(seed)
+    model.eval()
+    means, sizes = [], []
+    for b in dd.batches(batch):
+        means.append(model.loss(b, particles).loss)
+        sizes.append(b.size)
+    m = torch.stack(means).double().cpu().numpy()
+    w = np.asarray(sizes, dtype=float)
+    se = float(m.std(ddof=1) / math.sqrt(m.size)) if m.size > 1 else math.nan
+    return float((m * w).sum() / w.sum()), se
+
+
+def storage_bytes(data: PerturbationData, cells: np.ndarray, device: torch.device, storage: str) -> tuple[int, bool]:
+    """Bytes the cells take on ``device`` held as ``storage``, and whether that storage was exact."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        dd = DeviceData(data, cells, device, np.full(data.n_cells, -1), storage=storage)
+    out = dd.nbytes, not dd.notes
+    del dd
+    return out
+
+
+# ---- runs -------------------------------------------------------------------------------------
+@dataclass
+class Setting:
+    """What stays the same over all runs of one invocation."""
+
+    data: PerturbationData
+    split: np.ndarray
+    heldout: np.ndarray
+    device: torch.device
+    batch: int
+    particles: int
+    epochs: int
+    data_dtype: str
+    rates: dict[str, float]
+    t_begin: float = field(default_factory=time.perf_counter)
+    budget_s: float | None = None
+
+    def out_of_time(self) -> bool:
+        return self.budget_s is not None and time.perf_counter() - self.t_begin > self.budget_s
+
+
+def one_run(st: Setting, family: str, hp: dict[str, Any], flops: float, mode: str, precision: str, seed: int) -> dict[str, Any]:
+    """Train one model in one mode and precision; its row of the table."""
+    torch.manual_seed(seed)
+    model = build_for_data(family, st.data, st.split, **hp)
+    if st.device.type == "cuda":
+        torch.cuda.synchronize(st.device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(st.device)
+    cfg = TrainConfig(
+        epochs=1 + st.epochs, batch_size=st.batch, n_particles=st.particles, device=str(st.device), precision=precision,
+        seed=seed, compile=MODES[mode], data_dtype=st.data_dtype,
+    )
+    res: TrainResult = fit(model, st.data, st.split, cfg)
+    peak = peak_memory(st.device)
+    secs = [h.seconds - h.val_seconds for h in res.history]
+    s_epoch = float(np.median(secs[1:] or secs))
+    steps = res.history[-1].step - (res.history[-2].step if len(res.history) > 1 else 0)
+    floor = steps * flops / st.rates[precision]
+    elbo, se = heldout_elbo(model, st.data, st.heldout, st.device, st.particles, seed=12345)
+    notes = list(res.notes)
+    if MODES[mode] == "reduce-overhead" and st.device.type == "cuda" and not res.cuda_graphs:
+        notes.append("no CUDA graphs")
+    if MODES[mode] is not None and res.compiled is None:
+        notes.insert(0, "ran eagerly")
+    del model
+    return {
+        "s/epoch": s_epoch, "first epoch s": secs[0], "cells/s": steps * st.batch / s_epoch, "peak GiB": peak,
+        "data GiB": res.data_bytes / 2**30, "floor s/epoch": floor, "× floor": s_epoch / floor,
+        "held-out -ELBO": elbo, "se": se, "note": " | ".join(notes),
+    }
+
+
+def model_hparams(family: str, size: dict[str, int], args: argparse.Namespace) -> dict[str, Any]:
+    hp: dict[str, Any] = {"n_latent": size["latent"], "n_hidden": size["hidden"], "n_layers": 1}
+    if family in ("sams_vae", "cpa_vae"):
+        hp.update(guide=args.guide, embed_hidden=args.embed_hidden, embed_layers=args.embed_layers)
+    if family == "sams_vae":
+        hp["align_at"] = None if args.align_at == "none" else float(args.align_at)
+    return hp
+
+
+def model_label(family: str, guide: str) -> str:
+    return FAMILY_LABELS.get(family, family) + (f" ({guide})" if family in ("sams_vae", "cpa_vae") else "")
+
+
+def _num(v: float) -> str:
+    return "n/a" if math.isnan(v) else f"{v:.2f}"
+
+
+def bf16_checks(rows: list[dict[str, Any]], noise_runs: dict[str, tuple[float, float]]) -> list[str]:
+    """One line per model and mode: bf16's held-out -ELBO against float32's, within noise or not."""
+    lines = []
+    done = {(r["model"], r["mode"], r["precision"]): r for r in rows if "held-out -ELBO" in r}
+    for (model, mode, precision), r in done.items():
+        ref = done.get((model, mode, "float32"))
+        if precision != "bf16-mixed" or ref is None:
+            continue
+        seed_diff = noise_runs.get(model, (math.nan, math.nan))
+        known = [v for v in (seed_diff[0], ref["se"], r["se"]) if not math.isnan(v)]
+        noise = max(known) if known else math.nan
+        delta = r["held-out -ELBO"] - ref["held-out -ELBO"]
+        verdict = "no noise estimate" if not known else ("within noise" if abs(delta) <= 3 * noise else "OUTSIDE noise")
+        se = max((v for v in (ref["se"], r["se"]) if not math.isnan(v)), default=math.nan)
+        lines.append(
+            f"bf16 check, {model}, {mode}: held-out -ELBO {ref['held-out -ELBO']:.2f} (float32) vs {r['held-out -ELBO']:.2f} "
+            f"(bf16), difference {delta:+.2f}; noise {_num(noise)} (seed-to-seed {_num(seed_diff[0])}, standard error "
+            f"{_num(se)}): {verdict}"
+        )
+    return lines
+
+
+# ---- table ------------------------------------------------------------------------------------
+COLUMNS = ["model", "mode", "precision", "s/epoch", "first epoch s", "cells/s", "peak GiB", "data GiB", "floor s/epoch",
+           "× floor", "held-out -ELBO", "note"]
+FORMATS = {"s/epoch": "{:.3f}", "first epoch s": "{:.2f}", "cells/s": "{:,.0f}", "peak GiB": "{:.2f}", "data GiB": "{:.2f}",
+           "floor s/epoch": "{:.3f}", "× floor": "{:.1f}", "held-out -ELBO": "{:.2f}"}
+
+
+def shown_table(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    table = pd.DataFrame(rows).reindex(columns=COLUMNS)
+    for c, f in FORMATS.items():
+        table[c] = [("" if (v is None or (isinstance(v, float) and math.isnan(v))) else f.format(v)) for v in table[c]]
+    return table.fillna("")
+
+
+def markdown(table: pd.DataFrame) -> str:
+    lines = ["| " + " | ".join(table.columns) + " |", "|" + "---|" * len(table.columns)]
+    lines += ["| " + " | ".join(str(v).replace("|", "/") for v in r) + " |" for r in table.itertuples(index=False)]
+    return "\n".join(lines)
+
+
 # ---- main -------------------------------------------------------------------------------------
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when present)")
     ap.add_argument("--small", action="store_true", help="CPU-sized preset: 5,000 cells × 500 genes, K = 50 (other sizes as full)")
@@ -259,107 +431,135 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--epochs", type=int, default=None, help="timed epochs after one warm-up epoch (default 3)")
     ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS) + ["vae"])
     ap.add_argument("--guide", default="correlated", choices=["correlated", "mean-field"], help="SAMS-VAE/CPA-VAE guide (default correlated)")
-    ap.add_argument("--precision", default="float32", choices=["float32", "bf16-mixed"])
+    ap.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES), help="eager, compiled, graphs (default all)")
+    ap.add_argument("--precisions", nargs="+", default=list(PRECISIONS), choices=list(PRECISIONS), help="default both")
+    ap.add_argument("--data-dtype", default="float32", choices=["float32", "float16"],
+                    help="how the counts are held on the device (float16 halves them when exact)")
+    ap.add_argument("--align-at", default="none",
+                    help="SAMS-VAE's basis alignment (fraction of the budget, or none: default, a one-off step outside the timed loop)")
+    ap.add_argument("--heldout", type=float, default=0.02, help="fraction of cells held out and scored after training (default 0.02)")
     ap.add_argument("--matmul-precision", default=None, choices=["highest", "high", "medium"],
                     help="torch.set_float32_matmul_precision (high = TF32 on NVIDIA GPUs); default: torch's (highest)")
-    ap.add_argument("--compile", action="store_true", help="torch.compile the loss step (model.loss)")
-    ap.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. reduce-overhead (CUDA graphs) or max-autotune")
+    ap.add_argument("--compile-backend", default="inductor", choices=["inductor", "aot_eager", "eager"],
+                    help="torch.compile backend; eager = Dynamo only, to check the graph quickly on a CPU (default inductor)")
     ap.add_argument("--matmul-size", type=int, default=None, help="side of the square product that measures the peak rate (default 8192 on GPU, 2048 on CPU)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--budget-s", type=float, default=None, help="start no new run after this many seconds (rows say skipped)")
+    ap.add_argument("--out", default=os.environ.get("OUT") or None, help="folder for gpu_train.md (default: $OUT when set)")
     ap.add_argument("--markdown", action="store_true", help="print the table as Markdown")
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
 
+
+def use_backend(backend: str) -> None:
+    """Make every ``torch.compile`` in this process use ``backend`` (for quick checks on a CPU)."""
+    if backend == "inductor":
+        return
+    original = torch.compile
+
+    def compile_with(fn: Any = None, **kw: Any) -> Any:
+        kw.pop("mode", None)
+        kw["backend"] = backend
+        return original(fn, **kw)
+
+    torch.compile = compile_with  # type: ignore[assignment]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     preset = SMALL if args.small else FULL
     size = {k: (getattr(args, k) if getattr(args, k, None) is not None else v) for k, v in preset.items()}
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.matmul_precision:
         torch.set_float32_matmul_precision(args.matmul_precision)
+    use_backend(args.compile_backend)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
+    t_begin = time.perf_counter()
 
-    t0 = time.perf_counter()
     data = norman_screen(size["cells"], size["genes"], size["perturbations"], size["combinations"], device, args.seed)
+    if args.data_dtype == "float16":  # held as float16 from the start: no float32 copy on the device
+        data = data.replace(X=data.X.to(torch.float16))
     _sync(device)
-    t_data = time.perf_counter() - t0
     n_combos = len(data.combinations())
     print(f"screen: {data.n_cells:,} cells × {data.n_genes:,} genes, {data.n_perturbations} perturbations, "
           f"{n_combos} combinations, {int(data.control_mask.sum()):,} controls, "
-          f"{1 - int(torch.count_nonzero(data.X)) / data.X.numel():.0%} zeros; generated on {device} in {t_data:.1f} s", file=sys.stderr)
-
-    mm_dtype = torch.bfloat16 if args.precision == "bf16-mixed" else torch.float32
-    side = args.matmul_size or (8192 if device.type == "cuda" else 2048)
-    peak_rate = matmul_rate(device, side, side, side, mm_dtype)
-    P, B, H = args.particles, args.batch_size, size["hidden"]
-    shape_rate = matmul_rate(device, P * B, H, data.n_genes, mm_dtype)
-
+          f"{1 - int(torch.count_nonzero(data.X)) / data.X.numel():.0%} zeros; generated on {device} in "
+          f"{time.perf_counter() - t_begin:.1f} s", file=sys.stderr)
     split = np.full(data.n_cells, "train", dtype=object)
-    steps = math.ceil(data.n_cells / B)
-    rows = []
+    split[np.random.default_rng(args.seed).random(data.n_cells) < args.heldout] = HELDOUT
+    heldout = np.flatnonzero(split == HELDOUT)
+    train_idx = np.flatnonzero(split == "train")
+    b32, _ = storage_bytes(data, train_idx, device, "float32")
+    b16, exact16 = storage_bytes(data, train_idx, device, "float16")
+    memory_line = (f"training cells on the device: {b32 / 2**30:.2f} GiB in float32, {b16 / 2**30:.2f} GiB in float16 "
+                   f"({'exact' if exact16 else 'not exact: kept in float32'}); max count {float(data.X.max()):.0f}")
+
+    P, B, H = args.particles, args.batch_size, size["hidden"]
+    side = args.matmul_size or (8192 if device.type == "cuda" else 2048)
+    dtypes = {"float32": torch.float32, "bf16-mixed": torch.bfloat16}
+    secs = 1.0 if device.type == "cuda" else 0.2
+    rates = {p: matmul_rate(device, side, side, side, dtypes[p], seconds=secs) for p in args.precisions}
+    shape_rates = {p: matmul_rate(device, P * B, H, data.n_genes, dtypes[p], seconds=secs / 2) for p in args.precisions}
+    st = Setting(data, split, heldout, device, B, P, size["epochs"], args.data_dtype, rates, t_begin, args.budget_s)
+
+    rows: list[dict[str, Any]] = []
+    noise_runs: dict[str, tuple[float, float]] = {}
     for family in args.models:
-        hp = {"n_latent": size["latent"], "n_hidden": H, "n_layers": 1}
-        if family in ("sams_vae", "cpa_vae"):
-            hp.update(guide=args.guide, embed_hidden=args.embed_hidden, embed_layers=args.embed_layers)
+        label = model_label(family, args.guide)
+        hp = model_hparams(family, size, args)
         torch.manual_seed(args.seed)
-        model = build_for_data(family, data, split, **hp)
-        fl = step_flops(model, B, P)
-        counted = counted_step_flops(model, data, B, P, device)
+        fl = step_flops(build_for_data(family, data, split, **hp), B, P)
+        counted = counted_step_flops(build_for_data(family, data, split, **hp), data, B, P, device)
         if abs(counted - fl["total"]) > 1e-6 * fl["total"]:
             print(f"warning: {family}: analytic {fl['total']:.4g} FLOP/step but torch's FlopCounterMode counts "
                   f"{counted:.4g}: the formula is out of date", file=sys.stderr)
-        if args.compile:
-            model.loss = torch.compile(model.loss, mode=args.compile_mode)
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(device)
-        cfg = TrainConfig(epochs=1 + size["epochs"], batch_size=B, n_particles=P, device=str(device),
-                          precision=args.precision, seed=args.seed)
-        res = fit(model, data, split, cfg)
-        secs = [h.seconds - h.val_seconds for h in res.history]
-        timed = secs[1:] or secs
-        s_epoch = float(np.median(timed))
-        floor = steps * fl["total"] / peak_rate
-        label = FAMILY_LABELS.get(family, family) + (f" ({args.guide})" if family in ("sams_vae", "cpa_vae") else "")
-        rows.append({
-            "model": label,
-            "s/epoch": s_epoch,
-            "first epoch s": secs[0],
-            "cells/s": data.n_cells / s_epoch,
-            ("peak GPU GiB" if device.type == "cuda" else "peak RSS GiB"): peak_memory(device),
-            "GFLOP/step": fl["total"] / 1e9,
-            "floor s/epoch": floor,
-            "× floor": s_epoch / floor,
-            "train -ELBO": res.history[-1].train_loss,
-        })
-        print(f"{label}: {s_epoch:.3f} s/epoch (first {secs[0]:.2f} s), floor {floor:.3f} s", file=sys.stderr)
-        del model, res
+        for precision in args.precisions:
+            for mode in args.modes:
+                row = {"model": label, "mode": mode, "precision": precision}
+                if st.out_of_time():
+                    rows.append({**row, "note": "skipped (time budget)"})
+                    continue
+                rows.append({**row, **one_run(st, family, hp, fl["total"], mode, precision, args.seed)})
+                r = rows[-1]
+                print(f"{label}, {mode}, {precision}: {r['s/epoch']:.3f} s/epoch (first {r['first epoch s']:.1f} s), "
+                      f"× floor {r['× floor']:.1f}, held-out -ELBO {r['held-out -ELBO']:.2f} {r['note']}", file=sys.stderr)
+        if "bf16-mixed" in args.precisions and "float32" in args.precisions and not st.out_of_time():
+            other = one_run(st, family, hp, fl["total"], "eager", "float32", args.seed + 1)
+            ref = next((r for r in rows if r["model"] == label and r["mode"] == "eager" and r["precision"] == "float32"
+                        and "held-out -ELBO" in r), None)
+            if ref is not None:
+                noise_runs[label] = (abs(other["held-out -ELBO"] - ref["held-out -ELBO"]), other["se"])
 
-    table = pd.DataFrame(rows)
-    print(f"\n{device_name(device)}; torch {torch.__version__}; {args.precision}"
-          f"{', float32 matmul ' + torch.get_float32_matmul_precision() if args.precision == 'float32' else ''}"
-          f"{', torch.compile' + (f' ({args.compile_mode})' if args.compile_mode else '') if args.compile else ''}")
-    print(f"{data.n_cells:,} cells × {data.n_genes:,} genes, {data.n_perturbations} perturbations, {n_combos} combinations; "
-          f"K = {size['latent']}, hidden {H}, batch {B}, {P} particles, {steps} steps/epoch; "
-          f"embedding net {args.embed_layers} × {args.embed_hidden}; median of {size['epochs']} epochs after 1 warm-up")
-    print(f"matmul rate: {peak_rate / 1e12:.2f} TFLOP/s ({side}³ {mm_dtype}), "
-          f"{shape_rate / 1e12:.2f} TFLOP/s at the decoder's shape ({P * B} × {H} · {H} × {data.n_genes})")
-    fmt = {"s/epoch": "{:.3f}", "first epoch s": "{:.2f}", "cells/s": "{:,.0f}", "GFLOP/step": "{:.2f}",
-           "floor s/epoch": "{:.3f}", "× floor": "{:.1f}", "train -ELBO": "{:.1f}"}
-    shown = table.copy()
-    for c in shown.columns:
-        if c in fmt:
-            shown[c] = shown[c].map(fmt[c].format)
-        elif c.startswith("peak"):
-            shown[c] = shown[c].map("{:.2f}".format)
-    if args.markdown:
-        print("| " + " | ".join(shown.columns) + " |")
-        print("|" + "---|" * len(shown.columns))
-        for _, r in shown.iterrows():
-            print("| " + " | ".join(map(str, r.values)) + " |")
-    else:
-        print(shown.to_string(index=False))
+    table = shown_table(rows)
+    steps_eager, steps_static = math.ceil(len(train_idx) / B), len(train_idx) // B
+    header = [
+        f"{device_name(device)}; torch {torch.__version__}; float32 matmul {torch.get_float32_matmul_precision()}"
+        + (f"; compile backend {args.compile_backend}" if args.compile_backend != "inductor" else ""),
+        (f"{data.n_cells:,} cells × {data.n_genes:,} genes, {data.n_perturbations} perturbations, {n_combos} combinations; "
+        f"{len(train_idx):,} training cells, {len(heldout):,} held out; K = {size['latent']}, hidden {H}, batch {B}, "
+        f"{P} particles, {steps_eager} steps/epoch eager, {steps_static} compiled (last partial batch left out); "
+        f"embedding net {args.embed_layers} × {args.embed_hidden}; median of {size['epochs']} epochs after 1 warm-up; "
+        f"data held as {args.data_dtype}"),
+        "matmul rate: " + ", ".join(
+            f"{p} {rates[p] / 1e12:.2f} TFLOP/s ({side}³), {shape_rates[p] / 1e12:.2f} at the decoder's shape "
+            f"({P * B} × {H} · {H} × {data.n_genes})" for p in args.precisions),
+        memory_line,
+    ]
+    checks = bf16_checks(rows, noise_runs)
+    print("\n" + "\n".join(header))
+    print(markdown(table) if args.markdown else table.to_string(index=False))
+    for line in checks:
+        print(line)
+    print(f"total {time.perf_counter() - t_begin:.0f} s")
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        text = "\n\n".join(["# bench/gpu_train.py", "\n".join(f"- {h}" for h in header), markdown(table), "\n".join(f"- {c}" for c in checks)])
+        (out / "gpu_train.md").write_text(text + "\n")
+        print(f"wrote {out / 'gpu_train.md'}", file=sys.stderr)
     return 0
 
 
