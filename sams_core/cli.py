@@ -265,6 +265,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if not main:
         return 0
     print(f"best epoch {result.best_epoch}, {result.seconds:.1f} s; saved {args.out}", file=sys.stderr)
+    for note in result.notes:
+        print(f"note: {note}", file=sys.stderr)
     if ev is not None:
         print(ev.metrics.to_string(float_format=lambda v: f"{v:.4f}"))
     return 0

@@ -86,6 +86,8 @@ def train_bundle(
             "config": config.as_dict(),
             "history": result.history_table(),
             "best_epoch": result.best_epoch,
+            "best_phase": result.best_phase,
+            "notes": list(result.notes),
             "seconds": result.seconds,
             "stopped_early": result.stopped_early,
         },

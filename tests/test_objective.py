@@ -185,3 +185,49 @@ def test_svae_heldout_protocol_never_scores_a_fitted_cell(screen):
     new_counts = out.model.cond_counts[A:].tolist()
     assert sorted(new_counts) == sorted(float((data.labels[out.fit_cells] == c).sum()) for c in set(data.labels[test]))
     assert np.isfinite(out.iwelbo_prior) and np.isfinite(out.iwelbo_fitted)
+
+
+def test_training_keeps_the_final_phase_and_says_when_an_earlier_state_was_better(data_split):
+    """A schedule whose last phase starts from a damaged model: the kept state is of that phase,
+    and the run says which better state of the earlier phase it did not keep."""
+    from sams_core.training.build import build_for_data
+    from sams_core.training.trainer import TrainConfig, fit
+
+    data, split = data_split
+    torch.manual_seed(0)
+    model = build_for_data("sams_vae", data, split, n_latent=4, n_hidden=16, align_at=0.5)
+
+    def damage(mask_logit=0.0):
+        with torch.no_grad():
+            model.decoder[-1].weight.normal_(0.0, 3.0, generator=torch.Generator().manual_seed(0))
+        return torch.eye(4)
+
+    model.align_units = damage
+    res = fit(model, data, split, TrainConfig(epochs=4, batch_size=256))
+    assert [r.phase for r in res.history] == ["warmup", "warmup", "final", "final"]
+    assert res.best_phase == "final" and res.best_epoch in (3, 4)
+    assert any("earlier phase 'warmup' scored better" in n for n in res.notes)
+    assert model.schedule_phase == "final"
+
+
+def test_validation_charges_globals_with_the_validation_counts(data_split):
+    from sams_core.data.splits import VAL
+    from sams_core.training.build import build_for_data
+    from sams_core.training.trainer import TrainConfig, fit
+
+    data, split = data_split
+    model = build_for_data("sams_vae", data, split, n_latent=4, n_hidden=16)
+    train_counts = model.pert_counts.clone()
+    seen = []
+    plain = model.loss
+
+    def spy(batch, n_particles=5):
+        if not model.training:
+            seen.append(model.pert_counts.clone())
+        return plain(batch, n_particles)
+
+    model.loss = spy
+    fit(model, data, split, TrainConfig(epochs=1, batch_size=256))
+    want = torch.as_tensor((data.dosages[split == VAL] != 0).sum(0), dtype=torch.float32).clamp_min(1.0)
+    assert seen and all(torch.equal(c, want) for c in seen)
+    torch.testing.assert_close(model.pert_counts, train_counts)  # training counts back after validation

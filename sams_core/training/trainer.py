@@ -146,6 +146,7 @@ class EpochRecord:
     seconds: float
     total_epochs: int
     val_seconds: float = 0.0
+    phase: str | None = None  # the model's training-schedule phase during this epoch
 
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -165,6 +166,7 @@ class TrainResult:
 
     history: list[EpochRecord] = field(default_factory=list)
     best_epoch: int = -1
+    best_phase: str | None = None  # the schedule phase the kept state is from
     best_val_loss: float = math.inf
     seconds: float = 0.0
     stopped_early: bool = False
@@ -552,13 +554,19 @@ def _train_epoch(step: TrainStep, order: torch.Tensor, n_train: int, cfg: TrainC
     return taken
 
 
+def _neg_elbo(out: LossOutput) -> torch.Tensor:
+    """The paper's negative ELBO per cell of a loss: the ``neg_elbo`` term where the model reports
+    one (it differs from the loss while a schedule weights the prior terms), else the loss."""
+    return out.terms.get("neg_elbo", out.loss)
+
+
 @torch.no_grad()
 def evaluate_loss(model: PerturbationModel, dd: DeviceData, n_particles: int, batch_size: int) -> float:
-    """Mean negative ELBO per cell over all cells in ``dd``."""
+    """Mean (untempered) negative ELBO per cell over all cells in ``dd``."""
     model.eval()
     total = torch.zeros((), device=dd.device)
     for b in dd.batches(batch_size):
-        total += model.loss(b, n_particles).loss * b.size
+        total += _neg_elbo(model.loss(b, n_particles)) * b.size
     model.train()
     return float(total) / max(dd.n, 1)
 
@@ -578,7 +586,7 @@ def _sharded_val_loss(model: PerturbationModel, va: Any, cfg: TrainConfig, pl: P
             continue
         distributed.seed_noise(pl.device, distributed.noise_seed(cfg.seed, distributed.VAL_NOISE, epoch, s))
         for b in va.batches(cfg.val_batch_size, lo, hi):
-            totals[s] += model.loss(b, cfg.n_particles).loss.double() * b.size
+            totals[s] += _neg_elbo(model.loss(b, cfg.n_particles)).double() * b.size
     distributed.all_reduce_sum(totals)
     model.train()
     return float(totals.sum()) / max(va.n, 1)
@@ -586,7 +594,11 @@ def _sharded_val_loss(model: PerturbationModel, va: Any, cfg: TrainConfig, pl: P
 
 def validate(model: PerturbationModel, va: Any, cfg: TrainConfig, pl: Placement, epoch: int) -> float | None:
     """Mean negative ELBO per validation cell after ``epoch`` (0-based), in float32; None without
-    validation cells. Sharded runs reduce it over ranks, with noise that does not depend on them."""
+    validation cells. Sharded runs reduce it over ranks, with noise that does not depend on them.
+
+    It is the paper's (untempered) ELBO whatever prior weight the schedule trains with; :func:`fit`
+    calls it with global terms charged to the validation split's N_t
+    (:meth:`~sams_core.models.base.PerturbationModel.charged_to`)."""
     if va is None:
         return None
     if pl.sharded:
@@ -596,27 +608,50 @@ def validate(model: PerturbationModel, va: Any, cfg: TrainConfig, pl: Placement,
 
 class _BestState:
     """The lowest score so far (validation loss, else training loss), the model state that reached
-    it, and the epochs since; it writes the score and epoch into the run's result."""
+    it, and the epochs since; it writes the score, epoch and schedule phase into the run's result.
+
+    Only states of the schedule's current phase are kept (an earlier phase trained another
+    objective or another basis). A better state of an earlier phase is not dropped silently:
+    :meth:`note` says which it was and where the kept state comes from.
+    """
 
     def __init__(self, result: TrainResult):
         self.result = result
         self.state: dict[str, torch.Tensor] | None = None
         self.since = 0
+        self.passed: tuple[float, int, str | None] | None = None  # best of the earlier phases
 
     def offer(self, score: float, epoch: int, model: PerturbationModel) -> None:
         if score < self.result.best_val_loss:
             self.result.best_val_loss = score
             self.result.best_epoch = epoch
+            self.result.best_phase = model.schedule_phase
             self.state = copy.deepcopy(model.state_dict())
             self.since = 0
         else:
             self.since += 1
 
     def forget(self) -> None:
-        """Scores from before the model re-expressed its parameters no longer compare."""
-        self.result.best_val_loss = math.inf
+        """The schedule moved to a new phase (or the model re-expressed its parameters): the best
+        state so far is put aside and recorded, and keeping starts afresh."""
+        r = self.result
+        if self.state is not None and (self.passed is None or r.best_val_loss < self.passed[0]):
+            self.passed = (r.best_val_loss, r.best_epoch, r.best_phase)
+        r.best_val_loss = math.inf
         self.state = None
         self.since = 0
+
+    def note(self) -> str | None:
+        """What the run should say when an earlier phase had a better state than the kept one."""
+        r = self.result
+        if self.passed is None or not self.passed[0] < r.best_val_loss:
+            return None
+        score, epoch, phase = self.passed
+        return (
+            f"The kept state is from epoch {r.best_epoch} (phase '{r.best_phase}', −ELBO {r.best_val_loss:.3f}). "
+            f"Epoch {epoch} of the earlier phase '{phase}' scored better (−ELBO {score:.3f}) and was not kept: "
+            "the training schedule delivers a state of its final phase."
+        )
 
     def stale(self, patience: int | None) -> bool:
         """Whether ``patience`` epochs passed without improvement (never when None)."""
@@ -664,6 +699,9 @@ def fit(
     np.random.seed(cfg.seed)
     model.to(pl.device)
     tr, va = _sources(model, data, split, cfg, pl.device)
+    # validation charges global terms with the validation split's N_t, not the training split's
+    val_idx = np.flatnonzero(split == VAL)
+    val_cells = (np.asarray(data.dosages[val_idx]), condition_ids(model, data)[val_idx]) if va is not None else None
     step = TrainStep(model, tr, cfg, pl)
     epochs = _epochs(tr.n, cfg)
     gen = tr.generator(cfg.seed)
@@ -679,22 +717,28 @@ def fit(
         train_loss, terms = step.epoch_means(n_steps)
         _finite(train_loss, epoch)
         t_val = time.perf_counter()
-        val_loss = validate(model, va, cfg, pl, epoch - 1)
+        with model.charged_to(*val_cells) if val_cells is not None else contextlib.nullcontext():
+            val_loss = validate(model, va, cfg, pl, epoch - 1)
         t_val = time.perf_counter() - t_val
         hi, lo = mask_sparsity(model)
+        phase = model.schedule_phase
         rec = EpochRecord(
             epoch=epoch, step=step.steps, train_loss=train_loss, val_loss=val_loss, terms=terms,
             mask_frac_high=hi, mask_frac_low=lo, seconds=time.perf_counter() - t0, total_epochs=epochs, val_seconds=t_val,
+            phase=phase,
         )
         result.history.append(rec)
-        best.offer(val_loss if val_loss is not None else train_loss, epoch, model)
+        best.offer(val_loss if val_loss is not None else terms.get("neg_elbo", train_loss), epoch, model)
         if progress is not None and pl.rank == 0:
             progress(rec)
-        if model.end_epoch(epoch, epochs):
+        reexpressed = model.end_epoch(epoch, epochs)
+        if reexpressed:
             # the model re-expressed its parameters (SAMS-VAE's alignment of the latent basis, the
-            # same on every rank): Adam's running moments and the best state so far belong to the
-            # old parameterisation, and the objective's prior weight may have changed
+            # same on every rank): Adam's running moments belong to the old parameterisation
             step.restart_optimizer()
+        if reexpressed or model.schedule_phase != phase:
+            # a new phase of the schedule: its state is the one to deliver, so keeping starts afresh
+            # (the best state so far is recorded, and a note says so if it stays the better one)
             best.forget()
             continue
         if best.stale(cfg.early_stopping):
@@ -706,6 +750,9 @@ def fit(
     model.eval()
     result.seconds = time.perf_counter() - t_start
     result.compiled, result.cuda_graphs, result.notes = step.compiled, step.cuda_graphs, step.notes
+    kept_note = best.note() if va is not None else None
+    if kept_note:
+        result.notes.append(kept_note)
     return result
 
 
