@@ -73,9 +73,9 @@ def screen() -> tuple[PerturbationData, np.ndarray]:
     return data, split
 
 
-def _model(family_spec: str, data: PerturbationData, split: np.ndarray, seed: int = 0):
+def _model(family_spec: str, data: PerturbationData, split: np.ndarray, seed: int = 0, **extra):
     family, _, guide = family_spec.partition(":")
-    hp = {"n_latent": 3, "n_hidden": 16}
+    hp = {"n_latent": 3, "n_hidden": 16, **extra}
     if guide:
         hp.update(guide=guide, embed_hidden=8)
     torch.manual_seed(seed)
@@ -126,10 +126,15 @@ def test_bf16_autocast_step_is_one_graph(screen):
 
 # ---- compiled == eager ---------------------------------------------------------------------------
 def _fit_pair(data, split, family: str, device: str, mode: str):
+    """Two epochs compiled and eager, the optimiser restarted after the first (as after SAMS-VAE's
+    alignment of the latent basis, which is left out: the sparsest rotation is not a smooth function
+    of the weights, so rounding-level differences could pick another one)."""
     cfg = {"epochs": 2, "batch_size": 64, "lr": 3e-3, "seed": 2, "device": device, "drop_last": True}
+    extra = {"align_at": None} if family.startswith("sams_vae") else {}
     runs = []
     for compile_mode in (mode, None):
-        model = _model(family, data, split)
+        model = _model(family, data, split, **extra)
+        model.end_epoch = lambda epoch, total: epoch == 1  # a fresh Adam for epoch 2
         with torch._inductor.config.patch(fallback_random=True):  # Inductor draws eager's random numbers
             res = fit(model, data, split, TrainConfig(compile=compile_mode, **cfg))
         runs.append((res, {k: v.detach().cpu() for k, v in model.state_dict().items()}))
