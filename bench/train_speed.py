@@ -70,7 +70,7 @@ def main() -> None:
         for precision in args.precisions:
             torch.manual_seed(0)
             model = build_for_data(family, data, split, **hp)
-            cfg = dict(device="cpu", precision=precision)
+            cfg = {"device": "cpu", "precision": precision}
             fit(model, data, split, TrainConfig(epochs=1, **cfg))  # warm-up
             res = fit(model, data, split, TrainConfig(epochs=args.epochs, **cfg))
             # seconds per epoch exclude validation (timed separately inside fit)

@@ -16,10 +16,11 @@ Launch (``--devices N`` does exactly this)::
 
 from __future__ import annotations
 
+import itertools
 import os
 import socket
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -131,7 +132,7 @@ def seed_noise(device: torch.device, seed: int) -> None:
 def shard_bounds(n: int, n_shards: int) -> list[tuple[int, int]]:
     """``n`` positions cut into ``n_shards`` contiguous pieces, sizes differing by at most one."""
     edges = [(n * s) // n_shards for s in range(n_shards + 1)]
-    return list(zip(edges[:-1], edges[1:]))
+    return list(itertools.pairwise(edges))
 
 
 def free_port() -> int:
@@ -150,7 +151,20 @@ def torchrun_command(n_processes: int, argv: Sequence[str]) -> list[str]:
 
 
 __all__ = [
-    "active", "rank", "world_size", "is_main", "launched_by_torchrun", "backend_for", "rank_device",
-    "init_from_env", "init_process_group", "cleanup", "all_reduce_sum", "noise_seed", "seed_noise",
-    "shard_bounds", "free_port", "torchrun_command",
+    "active",
+    "all_reduce_sum",
+    "backend_for",
+    "cleanup",
+    "free_port",
+    "init_from_env",
+    "init_process_group",
+    "is_main",
+    "launched_by_torchrun",
+    "noise_seed",
+    "rank",
+    "rank_device",
+    "seed_noise",
+    "shard_bounds",
+    "torchrun_command",
+    "world_size",
 ]
