@@ -22,4 +22,7 @@ PAGES = [
 ]
 page = st.navigation(PAGES)
 with S.drawn_sidebar(S.choose()):
-    page.run()
+    try:
+        page.run()
+    except Exception as e:  # noqa: BLE001 - users see a message; the traceback goes to the server log
+        S.report_unexpected(e)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import os
 import threading
 import io
@@ -31,6 +32,7 @@ RUNS_DIR = SETTINGS.runs_dir
 SOURCES = ("demo", "path", "upload")
 SOURCE_LABELS = {"demo": "Shipped demo", "path": "Files on disk", "upload": "Upload"}
 ss = st.session_state
+_LOG = logging.getLogger("sams_explorer")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -75,25 +77,37 @@ def recalled(key: str, default: Any) -> Any:
     return _from_qp(key, default)
 
 
+def _among(value: Any, options: Sequence, default: Any) -> Any:
+    """A remembered choice kept among the current options: items no longer offered are dropped,
+    and a choice none of whose items is offered (made on another screen) becomes ``default``."""
+    opts = list(options)
+    if isinstance(value, list):
+        kept = [v for v in value if v in opts]
+        return kept if kept or not value else default
+    return value if value in opts else default
+
+
+def _within_bounds(value: Any, low: Any, high: Any) -> Any:
+    """A remembered number moved inside the widget's current bounds (another screen may have
+    fewer cells than the one the value was chosen on)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return value
+    if low is not None and value < low:
+        return type(value)(low)
+    if high is not None and value > high:
+        return type(value)(high)
+    return value
+
+
 def widget(fn: Callable, label: str, key: str, default: Any, options: Sequence | None = None, **kw: Any) -> Any:
     """A Streamlit widget whose value persists across pages and reloads (``key`` in the URL)."""
     wkey = "w_" + key
     if wkey not in ss:
         val = recalled(key, default)
-        if options is not None:
-            opts = list(options)
-            if isinstance(val, list):
-                val = [v for v in val if v in opts]
-            elif val not in opts:
-                val = default
-        ss[wkey] = val
+        ss[wkey] = _among(val, options, default) if options is not None else val
     elif options is not None:
-        opts = list(options)
-        cur = ss[wkey]
-        if isinstance(cur, list):
-            ss[wkey] = [v for v in cur if v in opts]
-        elif cur not in opts:
-            ss[wkey] = default
+        ss[wkey] = _among(ss[wkey], options, default)
+    ss[wkey] = _within_bounds(ss[wkey], kw.get("min_value"), kw.get("max_value"))
     val = fn(label, options, key=wkey, **kw) if options is not None else fn(label, key=wkey, **kw)
     remember(key, val)
     return val
@@ -470,6 +484,13 @@ def guarded(fn: Callable[[], Any]) -> Any:
     except Exception as e:  # noqa: BLE001
         st.error(f"{type(e).__name__}: {e}")
     return None
+
+
+def report_unexpected(e: Exception) -> None:
+    """An error no page expected: a message for the user, the traceback in the server's log."""
+    _LOG.exception("unexpected error on a page")
+    msg = str(e) if isinstance(e, SamsError) else f"{type(e).__name__}: {e}"
+    st.error(f"This page could not be drawn: {msg}. Check the sidebar's screen and model; the server log has the details.")
 
 
 def mask_truth(ctx: Context):

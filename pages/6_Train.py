@@ -97,6 +97,11 @@ if st.button("Start training", type="primary", key="train_start", disabled=refus
 def job_list() -> None:
     """The runs of this server, newest first: state, progress, ETA, live loss curve, log, cancel."""
     listed = jobs.list_jobs(S.RUNS_DIR)
+    finished = {j.id for j in listed if j.state == "done"}
+    seen = st.session_state.setdefault("jobs_seen_done", finished)
+    if finished - seen:  # a run just finished: redraw the whole page so the sidebar lists its model
+        st.session_state["jobs_seen_done"] = finished
+        st.rerun(scope="app")
     st.subheader("Training jobs")
     if not listed:
         st.caption("No runs yet.")
@@ -106,7 +111,7 @@ def job_list() -> None:
         last = recs[-1] if recs else None
         total = last["total_epochs"] if last else job.spec.config.get("epochs", 1)
         head = f"**{job.spec.name}** · {job.spec.family} · {job.created.replace('T', ' ')} · {job.state}"
-        with st.expander(head, expanded=job.state in ("queued", "running")):
+        with st.expander(head, expanded=job.state in ("queued", "running") or job is listed[0]):
             st.caption(f"Screen: {job.spec.data} · folder: {job.path}")
             if job.state == "running":
                 done = last["epoch"] if last else 0

@@ -32,7 +32,7 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     port = _free_port()
-    env = {**os.environ, "SAMS_CACHE_DIR": str(tmp_path_factory.mktemp("cache"))}
+    env = {**os.environ, "SAMS_CACHE_DIR": str(tmp_path_factory.mktemp("cache")), "SAMS_HOME": str(tmp_path_factory.mktemp("home"))}
     proc = subprocess.Popen(
         [sys.executable, "-m", "streamlit", "run", str(ROOT / "app.py"), "--server.port", str(port),
          "--server.address", "127.0.0.1", "--server.headless", "true", "--browser.gatherUsageStats", "false"],
@@ -102,5 +102,63 @@ def test_selection_survives_navigation(server):
                     page.get_by_text("CPA-VAE").first.wait_for(timeout=240_000)
                     assert "model=cpa_vae" in page.url, (name, page.url)
                     assert not page.query_selector_all('[data-testid="stException"]'), name
+        finally:
+            browser.close()
+
+
+def test_own_screen_end_to_end(server, tmp_path, screen):
+    """A screen of one's own, with no model: open it by path, train from the Train page, leave
+    and come back while it trains, pick the finished model, then visit every page: no error box."""
+    from playwright.sync_api import sync_playwright
+
+    adata, _ = screen
+    path = tmp_path / "mine.h5ad"
+    adata.write_h5ad(path)
+    shots = Path(os.environ.get("SAMS_SCREENSHOTS", tmp_path))
+    shots.mkdir(parents=True, exist_ok=True)
+
+    def errors(page) -> list[str]:
+        return [e.inner_text()[:300] for e in page.query_selector_all('[data-testid="stException"], [data-testid="stAlertContentError"]')]
+
+    def go(page, name: str) -> None:
+        page.locator('[data-testid="stSidebarNav"] a', has_text=name).first.click()
+        page.wait_for_selector("h1", timeout=120_000)
+        page.wait_for_timeout(1500)
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync"])
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(server, wait_until="networkidle")
+            page.wait_for_selector("h1", timeout=120_000)
+            page.get_by_text("Files on disk").click()
+            box = page.get_by_label("Data (.h5ad path)")
+            box.fill(str(path))
+            box.press("Enter")
+            page.get_by_text("No model for this screen yet").wait_for(timeout=120_000)
+            assert not errors(page)
+            go(page, "Train")
+            page.get_by_label("Epochs").fill("3")
+            page.get_by_label("Epochs").press("Enter")
+            page.wait_for_timeout(1000)
+            page.get_by_role("button", name="Start training").click()
+            page.get_by_text("Training jobs").wait_for(timeout=60_000)
+            for name in ("Home", "Masks", "Home"):  # leaving the page does not stop the run
+                go(page, name)
+            go(page, "Train")
+            page.get_by_text("Done: choose").wait_for(timeout=300_000)
+            page.screenshot(path=str(shots / "own_train.png"))
+            page.locator('[data-testid="stSidebar"] [data-testid="stSelectbox"]').first.click()
+            page.get_by_role("option").first.click()
+            page.wait_for_timeout(2000)
+            for name in ("Home", "Masks", "Latent space", "Gene programs", "Compose", "Compare", "Train"):
+                go(page, name)
+                if name not in ("Train",):
+                    page.wait_for_selector(".main-svg", timeout=240_000)
+                page.screenshot(path=str(shots / f"own_{name.replace(' ', '_')}.png"))
+                assert not errors(page), (name, errors(page))
+                assert "dataset=path" in page.url, (name, page.url)
         finally:
             browser.close()
