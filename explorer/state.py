@@ -306,6 +306,17 @@ def screen() -> Selection | None:
     return sel
 
 
+def page(title: str, needs_model: bool = True) -> Any:
+    """A page's title and what it works on: the loaded :class:`Context` (screen and model), or
+    with ``needs_model=False`` the screen's :class:`Selection`. Stops the page, after saying what
+    is missing, when there is none."""
+    st.title(title)
+    found = sidebar() if needs_model else screen()
+    if found is None:
+        st.stop()
+    return found
+
+
 def sidebar() -> Context | None:
     """The loaded :class:`Context` of the sidebar's screen and model, or None after saying what is
     missing (no screen, or no model for it)."""
@@ -507,7 +518,7 @@ def mask_truth(ctx: Context):
 
 
 __all__ = [
-    "Context", "Selection", "sidebar", "screen", "jobs_data_path", "choose", "selection", "drawn_sidebar", "NO_MODEL", "load", "data_summary", "widget", "remember", "recalled", "predict", "observed", "unmeasured_pairs", "loadings",
+    "Context", "Selection", "page", "sidebar", "screen", "jobs_data_path", "choose", "selection", "drawn_sidebar", "NO_MODEL", "load", "data_summary", "widget", "remember", "recalled", "predict", "observed", "unmeasured_pairs", "loadings",
     "enrichment", "embedding", "comparison", "chart", "figure_downloads", "table_download", "show_table", "guarded",
     "mask_truth", "run_bundles", "demo_bundles", "RUNS_DIR", "io",
 ]

@@ -10,11 +10,7 @@ from explorer import state as S
 from sams_core import plots
 from sams_core.plots import heatmap_orders
 
-st.set_page_config(page_title="Masks · SAMS Explorer", layout="wide")
-st.title("Masks")
-ctx = S.sidebar()
-if ctx is None:
-    st.stop()
+ctx = S.page("Masks")
 bundle = ctx.bundle
 probs = bundle.mask_probabilities()
 emb = bundle.embedding_means()

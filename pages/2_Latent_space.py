@@ -11,11 +11,7 @@ from sams_core import plots
 from sams_core.interpret.embed import cell_latents
 from sams_core.labels import split_label
 
-st.set_page_config(page_title="Latent space · SAMS Explorer", layout="wide")
-st.title("Latent space")
-ctx = S.sidebar()
-if ctx is None:
-    st.stop()
+ctx = S.page("Latent space")
 data, bundle = ctx.data, ctx.bundle
 K = bundle.model.n_latent
 

@@ -10,11 +10,7 @@ from sams_core import plots
 from sams_core.interpret.genesets import load_shipped, read_gmt, shipped_collections
 from sams_core.interpret.programs import program_collection, top_genes
 
-st.set_page_config(page_title="Gene programs · SAMS Explorer", layout="wide")
-st.title("Gene programs")
-ctx = S.sidebar()
-if ctx is None:
-    st.stop()
+ctx = S.page("Gene programs")
 data, bundle = ctx.data, ctx.bundle
 K = bundle.model.n_latent
 L = S.guarded(lambda: S.loadings(ctx.model_key, ctx.data_key, bundle, data))

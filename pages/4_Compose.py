@@ -9,11 +9,7 @@ from sams_core import plots
 from sams_core.interpret.effects import compare_with_data
 from sams_core.labels import split_label
 
-st.set_page_config(page_title="Compose · SAMS Explorer", layout="wide")
-st.title("Compose")
-ctx = S.sidebar()
-if ctx is None:
-    st.stop()
+ctx = S.page("Compose")
 data, bundle = ctx.data, ctx.bundle
 perts = bundle.perturbations
 measured = set(ctx.measured())

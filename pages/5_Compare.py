@@ -8,11 +8,7 @@ from explorer import state as S
 from sams_core import plots
 from sams_core.evaluation.compare import add_truth_scores
 
-st.set_page_config(page_title="Compare · SAMS Explorer", layout="wide")
-st.title("Compare")
-ctx = S.sidebar()
-if ctx is None:
-    st.stop()
+ctx = S.page("Compare")
 data, split = ctx.data, ctx.split
 spec = ctx.bundle.split_spec
 names = [n for n in ctx.models]

@@ -22,11 +22,7 @@ from sams_core.data.splits import SPLIT_KINDS
 from sams_core.errors import SamsError
 from sams_core.models import registry
 
-st.set_page_config(page_title="Train · SAMS Explorer", layout="wide")
-st.title("Train")
-sel = S.screen()
-if sel is None:
-    st.stop()
+sel = S.page("Train", needs_model=False)
 st.caption(f"Screen: {sel.data_label}")
 
 
