@@ -176,6 +176,7 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--grad-clip", type=float, default=None, help="clip the gradient norm at this value")
     t.add_argument("--early-stopping", type=int, default=None, help="stop after this many epochs without validation improvement")
     t.add_argument("--seed", type=int, default=0, help="seed of the split and of training (default 0)")
+    t.add_argument("--compile", default=None, choices=["default", "reduce-overhead"], help="compile the whole training step with torch.compile (reduce-overhead also captures it in CUDA graphs on a GPU); falls back to eager and says why where it cannot; default: eager")
     t.add_argument("--precision", default="float32", choices=["float32", "bf16-mixed"], help="bf16-mixed runs the networks' matrix products in bfloat16 (faster on CPUs with AVX512-BF16 and on GPUs); default float32")
     t.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when present; with --devices, cuda means one GPU per process)")
     _add_scale_options(t)
@@ -247,7 +248,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         cfg = TrainConfig(
             epochs=args.epochs, max_steps=args.steps, batch_size=args.batch_size, lr=args.lr,
             n_particles=args.particles, grad_clip=args.grad_clip, early_stopping=args.early_stopping,
-            seed=args.seed, device=device, precision=args.precision,
+            seed=args.seed, device=device, precision=args.precision, compile=args.compile,
             chunk_size=args.chunk_size if args.backed else None,
         )
         spec = SplitSpec(args.split, args.fraction, args.val_fraction, args.test_fraction, args.seed)

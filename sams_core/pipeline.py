@@ -88,6 +88,8 @@ def train_bundle(
             "best_epoch": result.best_epoch,
             "best_phase": result.best_phase,
             "notes": list(result.notes),
+            "compiled": result.compiled,
+            "cuda_graphs": result.cuda_graphs,
             "seconds": result.seconds,
             "stopped_early": result.stopped_early,
         },
