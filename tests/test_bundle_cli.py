@@ -148,3 +148,27 @@ def test_cli_simulate_passes_options(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["simulate", "--help"])
     assert "--perturbations" in capsys.readouterr().out
+
+
+def test_bundle_reads_are_bounded(tmp_path):
+    """A device, a link to one, or an archive declaring a huge manifest is refused before it is read."""
+    import io
+    import zipfile
+
+    from sams_core.io.manifest import MANIFEST, WEIGHTS, read_manifest
+
+    with pytest.raises(SamsError, match="not a regular file"):
+        read_manifest("/dev/zero")
+    folder = tmp_path / "b"
+    folder.mkdir()
+    (folder / MANIFEST).symlink_to("/dev/zero")
+    (folder / WEIGHTS).write_bytes(b"")
+    with pytest.raises(SamsError, match="not a regular file"):
+        read_manifest(folder)
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr(MANIFEST, b"{" + b" " * (65 * 1024**2) + b"}")
+        z.writestr(WEIGHTS, b"")
+    assert len(buf.getvalue()) < 1024**2  # small on disk, large once decompressed
+    with pytest.raises(SamsError, match="more than a bundle may hold"):
+        read_manifest(buf.getvalue())

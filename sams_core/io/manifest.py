@@ -22,6 +22,35 @@ FORMAT = "sams-bundle"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 WEIGHTS = "weights.safetensors"
+#: Largest manifest and weights a bundle may hold; anything larger is refused before it is read.
+MAX_MANIFEST_BYTES = 64 * 1024**2
+MAX_WEIGHTS_BYTES = 8 * 1024**3
+
+
+def _regular(path: Path, what: str) -> Path:
+    """``path`` if it is a regular file (not a device, pipe or folder); SamsError otherwise."""
+    if not path.is_file():
+        raise SamsError(f"{path} is not a regular file, so it cannot be {what}. Give the path of a .sams file or bundle folder.")
+    return path
+
+
+def _capped(size: int, cap: int, part: str, where: str) -> None:
+    if size > cap:
+        raise SamsError(
+            f"{where}: its {part} is {size / 1024**2:,.0f} MB, more than a bundle may hold ({cap / 1024**2:,.0f} MB). "
+            "The file is damaged or not a SAMS model bundle."
+        )
+
+
+def _read_capped(path: Path, cap: int, part: str) -> bytes:
+    """The bytes of a regular file no larger than ``cap`` (checked before reading)."""
+    _regular(path, f"a bundle's {part}")
+    _capped(path.stat().st_size, cap, part, str(path.parent))
+    with open(path, "rb") as f:
+        data = f.read(cap + 1)
+    _capped(len(data), cap, part, str(path.parent))  # a file that grew while being read
+    return data
+
 
 def _open(source: str | Path | bytes) -> tuple[Any, str, Path | None]:
     """What to hand to ``zipfile`` (or a folder path), how to name it in messages, its path."""
@@ -30,6 +59,8 @@ def _open(source: str | Path | bytes) -> tuple[Any, str, Path | None]:
     path = Path(source)
     if not path.exists():
         raise SamsError(f"Bundle not found: {path}. Check the path.")
+    if not path.is_dir():
+        _regular(path, "a model bundle")
     return path, str(path), path
 
 
@@ -44,12 +75,16 @@ def read_parts(source: str | Path | bytes, weights: bool = True) -> tuple[bytes,
         m, w = path / MANIFEST, path / WEIGHTS
         if not m.exists() or not w.exists():
             raise SamsError(f"{path} is a folder without {MANIFEST} and {WEIGHTS}: not a model bundle.")
-        return m.read_bytes(), (w.read_bytes() if weights else None), path
+        return (_read_capped(m, MAX_MANIFEST_BYTES, "manifest"),
+                (_read_capped(w, MAX_WEIGHTS_BYTES, "weights") if weights else None), path)
     try:
         with zipfile.ZipFile(buf) as z:
             names = set(z.namelist())
             if MANIFEST not in names or WEIGHTS not in names:
                 raise SamsError(f"{where} lacks {MANIFEST} or {WEIGHTS}: not a SAMS model bundle.")
+            # the sizes the archive declares are checked before anything is decompressed
+            _capped(z.getinfo(MANIFEST).file_size, MAX_MANIFEST_BYTES, "manifest", where)
+            _capped(z.getinfo(WEIGHTS).file_size, MAX_WEIGHTS_BYTES, "weights", where)
             return z.read(MANIFEST), (z.read(WEIGHTS) if weights else None), path
     except zipfile.BadZipFile as exc:
         raise SamsError(
