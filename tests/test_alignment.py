@@ -97,13 +97,17 @@ def test_align_units_makes_the_model_sparse():
 
 
 def test_schedule_aligns_once_then_trains_the_final_objective():
-    m = _model("mean-field", align_at=0.25, global_weight=10.0, warmup_global_weight=1.0)
+    m = _model("mean-field", align_at=0.25, global_weight=10.0, warmup_global_weight=1.0, sparsify_for=0.0)
     assert m.current_global_weight == 1.0 and m.schedule_phase == "warmup"
     assert not m.end_epoch(1, 8)
     assert m.end_epoch(2, 8)
     assert m.aligned and m.schedule_phase == "final" and m.current_global_weight == 10.0
     assert torch.allclose(torch.sigmoid(m.mask_logits), torch.full((12, 4), 0.5))
     assert not m.end_epoch(3, 8)
+    default = _model("mean-field")  # align after 2 of 8 epochs, prune at weight 15 for 3, end on the ELBO
+    assert [(default.end_epoch(e, 8), default.schedule_phase, default.current_global_weight) for e in range(1, 9)] == [
+        (False, "warmup", 1.0), (True, "sparsify", 15.0), (False, "sparsify", 15.0), (False, "sparsify", 15.0),
+        (False, "final", 1.0), (False, "final", 1.0), (False, "final", 1.0), (False, "final", 1.0)]
     never = _model("mean-field", align_at=None)  # the paper's ELBO from the first epoch
     assert not never.aligned and never.schedule_phase == "final"
     assert not never.end_epoch(5, 8) and never.current_global_weight == 1.0

@@ -91,7 +91,9 @@ def test_each_family_trains_and_beats_untrained(family, data_split):
     assert np.isfinite(after) and after > before + 5, (before, after)
     assert res.history[-1].train_loss < res.history[0].train_loss
     assert res.best_epoch >= 1 and res.history[-1].val_loss is not None
-    assert set(res.history[0].terms) == {"log_px", "kl_z", "kl_global"}
+    assert set(res.history[0].terms) == {"log_px", "kl_z", "kl_global", "neg_elbo"}
+    # every family's loss is its untempered −ELBO at the end of the schedule
+    assert res.history[-1].terms["neg_elbo"] == pytest.approx(res.history[-1].train_loss, rel=1e-5)
     lat = model.latent(__import__("sams_core.data.batches", fromlist=["DeviceData"]).DeviceData(data, test[:5], torch.device("cpu"), np.full(data.n_cells, -1)).batch(torch.arange(5)))
     assert lat["full"].shape == (5, 4)
 

@@ -41,7 +41,8 @@ class ConditionalVAE(PerturbationModel):
         log_px = self.likelihood.varying(batch.x, out, torch.log(batch.library)).mean(0) + self.likelihood.constant(batch.x)
         kl_z = kl_normal_std_normal(mean, log_std).sum(-1)
         elbo = log_px - kl_z
-        return LossOutput(-elbo.mean(), {"log_px": log_px.mean().detach(), "kl_z": kl_z.mean().detach(), "kl_global": torch.zeros((), device=mean.device)})
+        return LossOutput(-elbo.mean(), {"log_px": log_px.mean().detach(), "kl_z": kl_z.mean().detach(),
+                                         "kl_global": torch.zeros((), device=mean.device), "neg_elbo": -elbo.mean().detach()})
 
     def log_weights(self, batch: Batch, globals_: dict[str, torch.Tensor]) -> torch.Tensor:
         mean, log_std = self._encode(batch)

@@ -17,4 +17,6 @@ class CPAVAE(SAMSVAE):
         # no masks, so no basis to align: the prior terms keep the paper's weight throughout
         kw.setdefault("global_weight", 1.0)
         kw.setdefault("align_at", None)
+        kw.setdefault("sparsify_weight", 1.0)
+        kw.setdefault("sparsify_for", 0.0)
         super().__init__(n_genes, n_perturbations, **kw)

@@ -67,7 +67,7 @@ class SAMSVAE(PerturbationModel):
         # the schedule (module docstring): prior weight of the final objective (1 = the paper's
         # ELBO), before the alignment, and for ``sparsify_for`` × the budget after it
         global_weight: float = 1.0, warmup_global_weight: float = 1.0,
-        sparsify_weight: float = 1.0, sparsify_for: float = 0.0,
+        sparsify_weight: float = 15.0, sparsify_for: float = 0.4,
         align_at: float | None = 0.25, align_mask_logit: float = 0.0,  # when to align, masks restart at
         **common: Any,
     ):
