@@ -231,3 +231,21 @@ def test_validation_charges_globals_with_the_validation_counts(data_split):
     want = torch.as_tensor((data.dosages[split == VAL] != 0).sum(0), dtype=torch.float32).clamp_min(1.0)
     assert seen and all(torch.equal(c, want) for c in seen)
     torch.testing.assert_close(model.pert_counts, train_counts)  # training counts back after validation
+
+
+def test_history_figure_plots_the_untempered_elbo_with_phases_and_the_kept_state():
+    from sams_core.plots import history_figure
+
+    recs = [
+        {"epoch": 1, "train_loss": 10.0, "term_neg_elbo": 9.0, "val_loss": 9.5, "phase": "warmup"},
+        {"epoch": 2, "train_loss": 30.0, "term_neg_elbo": 8.0, "val_loss": 8.5, "phase": "sparsify"},
+        {"epoch": 3, "train_loss": 7.0, "term_neg_elbo": 7.0, "val_loss": 7.5, "phase": "final"},
+    ]
+    fig = history_figure(recs, kept_epoch=3)
+    train = next(t for t in fig.data if t.name == "train")
+    assert list(train.y) == [9.0, 8.0, 7.0]  # the −ELBO, not the weighted loss of the sparsify phase
+    assert [a.text for a in fig.layout.annotations if a.text in ("sparsify", "final")] == ["sparsify", "final"]
+    kept = next(t for t in fig.data if t.name == "kept state")
+    assert list(kept.x) == [3] and list(kept.y) == [7.5]
+    old = history_figure([{"epoch": 1, "train_loss": 5.0, "val_loss": 6.0}])  # a history from before the term
+    assert list(next(t for t in old.data if t.name == "train").y) == [5.0]
