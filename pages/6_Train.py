@@ -20,6 +20,7 @@ from explorer import state as S
 from sams_core import plots
 from sams_core.data.splits import SPLIT_KINDS
 from sams_core.errors import SamsError
+from sams_core.io.manifest import read_manifest
 from sams_core.models import registry
 
 sel = S.page("Train", needs_model=False)
@@ -89,6 +90,16 @@ if st.button("Start training", type="primary", key="train_start", disabled=refus
         st.toast(f"Started {name}: follow it below; it keeps going if you leave this page.")
 
 
+def _finished_training(job: Any) -> dict[str, Any]:
+    """The finished run's training record (kept epoch, notes) from its bundle; empty before then."""
+    if job.state != "done" or not job.model_path.is_file():
+        return {}
+    try:
+        return read_manifest(job.model_path).get("training", {})
+    except SamsError:
+        return {}
+
+
 @st.fragment(run_every=2.0)
 def job_list() -> None:
     """The runs of this server, newest first: state, progress, ETA, live loss curve, log, cancel."""
@@ -123,8 +134,11 @@ def job_list() -> None:
             elif job.state == "done":
                 st.success(f"Done: choose **run: {job.spec.name} · {job.created.replace('T', ' ')}** as the model in the sidebar.")
             if recs:
-                st.plotly_chart(plots.history_figure(recs, f"Training loss · {job.spec.name}"), width="stretch",
-                                key=f"job_hist_{job.id}_{len(recs)}")
+                training = _finished_training(job)
+                st.plotly_chart(plots.history_figure(recs, f"Training loss · {job.spec.name}", training.get("best_epoch")),
+                                width="stretch", key=f"job_hist_{job.id}_{len(recs)}")
+                for note in training.get("notes") or []:
+                    st.caption(note)
             log = job.log()
             if log:
                 st.code(log[-2000:], language=None)
