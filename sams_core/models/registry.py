@@ -409,7 +409,7 @@ _builtin(
     has_masks=True, composes_unseen_combinations=False, one_condition_per_cell=True,
     label_options=("beta", "align_at"),
     options=(
-        Option("beta", float, 10.0, "Beta(1, β) mask prior (β > 1 is sparse; 10 as published)", low=0.0, low_open=True,
+        Option("beta", float, 10.0, "Beta(1, β) mask prior (β > 1 is sparse, β = 1 flat)", low=0.0, low_open=True,
                label="β={:g}"),
         Option("align_at", float, None, "tuned variant: fraction of the budget after which the latent basis is turned "
                "to the sparsest rotation of the condition shifts ('none': never, as published)",

@@ -7,7 +7,7 @@ z ~ N(m_a ⊙ μ_a, I) (controls: N(0, I)); the encoder sees expression only. It
 unseen combinations; held-out conditions are fitted by :func:`fit_new_conditions` with the
 decoder frozen (the paper's out-of-domain protocol).
 
-Defaults are the published model: Beta(1, β) with β = 10 and no change of the latent basis.
+Defaults are the published model's form: Beta(1, β) with β = 10 and no change of the latent basis.
 Turning the basis to the sparsest rotation (``align_at``, as SAMS-VAE's schedule does) or a
 sparser prior (β = 60) are tuned variants, named in the model's label.
 """
