@@ -114,7 +114,11 @@ def test_own_screen_end_to_end(server, tmp_path, screen):
     and come back while it trains, pick the finished model, then visit every page: no error box."""
     from playwright.sync_api import sync_playwright
 
+    from sams_core.interpret.genesets import load_shipped
+
     adata, _ = screen
+    adata = adata.copy()
+    adata.var_names = sorted(load_shipped("go_bp").genes())[: adata.n_vars]  # real human gene symbols
     path = tmp_path / "mine.h5ad"
     adata.write_h5ad(path)
     shots = Path(os.environ.get("SAMS_SCREENSHOTS", tmp_path))
