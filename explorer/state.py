@@ -11,7 +11,6 @@ import hashlib
 import logging
 import os
 import threading
-import io
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -520,5 +519,5 @@ def mask_truth(ctx: Context):
 __all__ = [
     "Context", "Selection", "page", "sidebar", "screen", "jobs_data_path", "choose", "selection", "drawn_sidebar", "NO_MODEL", "load", "data_summary", "widget", "remember", "recalled", "predict", "observed", "unmeasured_pairs", "loadings",
     "enrichment", "embedding", "comparison", "chart", "figure_downloads", "table_download", "show_table", "guarded",
-    "mask_truth", "run_bundles", "demo_bundles", "RUNS_DIR", "io",
+    "mask_truth", "run_bundles", "demo_bundles", "RUNS_DIR", "report_unexpected",
 ]
