@@ -27,8 +27,13 @@ class Settings:
 
     @property
     def demo_dir(self) -> Path:
-        """The shipped demo: a screen, its trained bundles and their UMAP layouts."""
+        """The shipped simulated demo: a screen, its trained bundles and their UMAP layouts."""
         return self.assets / "demo"
+
+    @property
+    def demo_real_dir(self) -> Path:
+        """The shipped real-screen demo: a public Perturb-seq subset, its licence, provenance and bundles."""
+        return self.assets / "demo_real"
 
     @property
     def demo_embeddings(self) -> Path:
