@@ -281,9 +281,7 @@ def run(job_dir: str | Path, max_parallel: int | None = None, handle_signals: bo
             data, spec.family, split_spec, TrainConfig(**spec.config), out=None, progress=progress, **spec.hparams,
         )
         bundle.manifest["run"] = {"name": spec.name, "id": job.id, "created": job.created}
-        tmp = job.path / f".partial-{MODEL_FILE}"  # a .sams name: saved as one file
-        save_bundle(tmp, bundle.model, bundle.manifest)
-        os.replace(tmp, job.model_path)
+        save_bundle(job.model_path, bundle.model, bundle.manifest)  # atomic: a temporary sibling, renamed
         job.state = "done"
         return 0
     except _Cancelled:

@@ -2,16 +2,31 @@
 
 A bundle is one ``.sams`` file (a zip archive) or a folder holding ``manifest.json`` (model
 family, hyper-parameters, gene and perturbation names, data-contract settings, the split,
-training history, metrics, format version, SHA-256 of the weights) and ``weights.safetensors``
-(tensors only). Loading reads JSON and raw tensors, rebuilds the model from the registered
-families, and refuses a bundle whose checksum, format or shapes do not match.
+training history, metrics, format version, SHA-256 of the weights, and ``bundle_sha256``: the
+SHA-256 of the canonical manifest without that field, so one value covers manifest and weights)
+and ``weights.safetensors`` (tensors only). Loading reads JSON and raw tensors within size caps,
+validates the manifest, checks the tensor names and shapes in the safetensors header against
+the model its hyper-parameters describe (built on PyTorch's meta device, so nothing is
+allocated) and only then rebuilds the model; a bundle whose checksum, format or shapes do not
+match is refused. A bundle is trusted like any file you open: the checksum detects damage and
+edits, it is not a signature.
+
+Saves are atomic: the bundle is written to a temporary sibling (``.NAME.partial-PID``), flushed
+to disk and renamed over the target (a folder is swapped in with one exchange), so a kill or a
+full disk at any moment leaves the old bundle or the new one, never a mix; partial files of
+earlier, interrupted saves are removed by the next save to the same path.
 """
 
 from __future__ import annotations
 
+import ctypes
 import datetime as _dt
 import hashlib
 import json
+import os
+import secrets
+import shutil
+import struct
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,13 +40,14 @@ from safetensors.torch import save as st_save
 from sams_core import __version__
 from sams_core.errors import SamsError
 from sams_core.io.manifest import (
+    CHECKSUM_FIELD,
     FORMAT,
     FORMAT_VERSION,
     MANIFEST,
     WEIGHTS,
+    manifest_checksum,
     model_label,
-    parse_manifest,
-    read_parts,
+    read_bundle,
 )
 from sams_core.models import registry
 from sams_core.models.base import PerturbationModel
@@ -69,7 +85,14 @@ class ModelBundle:
 
     @property
     def is_counts(self) -> bool:
-        return bool(self.manifest["data"].get("is_counts", True))
+        """Whether the model was trained on counts (negative-binomial likelihood) rather than on
+        log-normalised values."""
+        return bool((self.manifest.get("data") or {}).get("is_counts", True))
+
+    @property
+    def notes(self) -> list[str]:
+        """What loading found worth saying (e.g. a bundle saved before manifests were checksummed)."""
+        return list(self.manifest.get("load_notes", []))
 
     @property
     def n_latent(self) -> int:
@@ -91,15 +114,15 @@ class ModelBundle:
 
     @property
     def split_spec(self) -> dict[str, Any]:
-        return dict(self.manifest.get("split", {}))
+        return dict(self.manifest.get("split") or {})
 
     @property
     def history(self) -> list[dict[str, Any]]:
-        return list(self.manifest.get("training", {}).get("history", []))
+        return list((self.manifest.get("training") or {}).get("history") or [])
 
     @property
     def metrics(self) -> dict[str, Any]:
-        return dict(self.manifest.get("metrics", {}))
+        return dict(self.manifest.get("metrics") or {})
 
     def checksum(self) -> str:
         """Short hash of the weights (from the manifest, or computed for an unsaved model)."""
@@ -160,52 +183,252 @@ def make_manifest(
     )
 
 
-def save_bundle(path: str | Path, model: PerturbationModel, manifest: dict[str, Any]) -> Path:
-    """Write ``model`` and ``manifest`` to ``path``: a ``.sams`` zip file, or a folder otherwise."""
+# ---- saving -----------------------------------------------------------------------------------
+def _partial_name(p: Path) -> str:
+    return f".{p.name}.partial-"
+
+
+def _remove_stale_partials(p: Path) -> None:
+    """Delete what interrupted saves to ``p`` left behind: ``.NAME.partial-PID-*`` siblings whose
+    process is gone, and the ``NAME.partial`` files of older versions."""
+    parent = p.parent
+    if not parent.is_dir():
+        return
+    legacy = parent / f"{p.name}.partial"
+    candidates = [legacy] if os.path.lexists(legacy) else []
+    candidates += [c for c in parent.iterdir() if c.name.startswith(_partial_name(p)) or c.name.startswith(f".{p.name}.old-")]
+    for c in candidates:
+        pid = c.name[len(_partial_name(p)):].split("-")[0] if c.name.startswith(_partial_name(p)) else ""
+        if pid.isdigit() and int(pid) != os.getpid() and _alive(int(pid)):
+            continue  # another process is saving to the same path right now
+        if c.is_dir() and not c.is_symlink():
+            shutil.rmtree(c, ignore_errors=True)
+        else:
+            c.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _is_bundle_folder(p: Path) -> bool:
+    return p.is_dir() and (p / MANIFEST).is_file()
+
+
+def check_output(path: str | Path) -> Path:
+    """``path`` as a place a bundle can be saved, checked before any training: a ``.sams`` file or
+    a folder that does not exist yet or holds a bundle (it is replaced), in a folder that can be
+    created and written. Raises :class:`SamsError` naming the problem and the fix."""
+    if str(path).strip() == "":
+        raise SamsError("No output path given. Name the bundle, e.g. --out model.sams (one file) or --out model/ (a folder).")
     p = Path(path)
+    if p.suffix == ".sams":
+        if p.is_dir():
+            raise SamsError(f"{p} is a folder, not a .sams file. Choose another name, or drop the .sams ending to save a folder bundle.")
+        if p.exists() and not _is_bundle_file(p):
+            raise SamsError(f"{p} exists and is not a SAMS bundle, so it is not overwritten. Choose another name, or move the file away.")
+    else:
+        if p.exists() and not p.is_dir():
+            raise SamsError(f"{p} exists and is a file, not a bundle folder. Choose another name, or end it in .sams to save one file.")
+        if p.is_dir():
+            extra = sorted(c.name for c in p.iterdir() if c.name not in (MANIFEST, WEIGHTS))
+            if extra and not _is_bundle_folder(p):
+                raise SamsError(
+                    f"{p} is a folder holding other files ({', '.join(extra[:3])}{' ...' if len(extra) > 3 else ''}), not a bundle. "
+                    "Choose a new folder name: saving replaces the whole folder."
+                )
+            if extra:
+                raise SamsError(
+                    f"The bundle folder {p} also holds {', '.join(extra[:3])}{' ...' if len(extra) > 3 else ''}, which saving "
+                    "would remove (the folder is replaced as a whole). Move them away or choose another name."
+                )
+    parent = p.absolute().parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        probe = parent / f".{p.name}.write-test-{os.getpid()}-{secrets.token_hex(3)}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise SamsError(f"Cannot write the bundle to {parent} ({exc.strerror or exc}). Choose a folder you can write to.") from None
+    return p
+
+
+def _is_bundle_file(p: Path) -> bool:
+    try:
+        with zipfile.ZipFile(p) as z:
+            return MANIFEST in z.namelist()
+    except (OSError, zipfile.BadZipFile, ValueError):
+        return False
+
+
+def _write_synced(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+_RENAME_EXCHANGE = 2
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one step (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd = -100
+    rc = fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE)
+    return rc == 0
+
+
+def save_bundle(path: str | Path, model: PerturbationModel, manifest: dict[str, Any]) -> Path:
+    """Write ``model`` and ``manifest`` to ``path``: a ``.sams`` zip file, or a folder otherwise.
+
+    The save is atomic (a temporary sibling renamed over the target), records the weights'
+    SHA-256 and the manifest's checksum, and refuses a target that is not a bundle
+    (:func:`check_output`). On a full disk or any other failure the old bundle is left as it was.
+    """
+    p = check_output(path)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     weights = st_save(state)
-    man = dict(manifest)
+    man = {k: v for k, v in manifest.items() if k not in ("load_notes", CHECKSUM_FIELD)}
+    man["format_version"] = FORMAT_VERSION
     man["weights_sha256"] = hashlib.sha256(weights).hexdigest()
     man["weights_bytes"] = len(weights)
-    text = json.dumps(_jsonable(man), indent=1, allow_nan=False)
-    if p.suffix == ".sams":
-        p.parent.mkdir(parents=True, exist_ok=True)
-        tmp = p.with_suffix(".sams.partial")
-        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as z:
-            z.writestr(MANIFEST, text)
-            z.writestr(WEIGHTS, weights)
-        tmp.replace(p)
-    else:
-        p.mkdir(parents=True, exist_ok=True)
-        (p / WEIGHTS).write_bytes(weights)
-        (p / MANIFEST).write_text(text)
+    man = json.loads(json.dumps(_jsonable(man), allow_nan=False))  # exactly what a reader will parse
+    man[CHECKSUM_FIELD] = manifest_checksum(man)
+    text = json.dumps(man, indent=1, allow_nan=False)
+    _remove_stale_partials(p)
+    tmp = p.with_name(f"{_partial_name(p)}{os.getpid()}-{secrets.token_hex(3)}")
+    try:
+        if p.suffix == ".sams":
+            with open(tmp, "wb") as f:
+                with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_DEFLATED) as z:
+                    z.writestr(MANIFEST, text)
+                    z.writestr(WEIGHTS, weights)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, p)
+        else:
+            tmp.mkdir()
+            _write_synced(tmp / WEIGHTS, weights)
+            _write_synced(tmp / MANIFEST, text.encode("utf-8"))
+            _fsync_dir(tmp)
+            if p.is_dir():
+                if _exchange(tmp, p):  # the new folder in place, the old one at tmp, in one step
+                    shutil.rmtree(tmp, ignore_errors=True)
+                else:
+                    old = p.with_name(f".{p.name}.old-{os.getpid()}-{secrets.token_hex(3)}")
+                    os.rename(p, old)
+                    os.rename(tmp, p)
+                    shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.rename(tmp, p)
+        _fsync_dir(p.absolute().parent)
+    except OSError as exc:
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+        raise SamsError(
+            f"Could not save the bundle to {p} ({exc.strerror or exc}); the previous file there, if any, is unchanged. "
+            "Free disk space or choose another folder."
+        ) from exc
     return p
+
+
+# ---- loading ----------------------------------------------------------------------------------
+def _header_shapes(weights: bytes) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """Tensor names, dtypes and shapes from a safetensors header, read without the tensors."""
+    if len(weights) < 8:
+        raise SamsError("The bundle's weights are truncated. Re-export it from the trained model.")
+    (n,) = struct.unpack("<Q", weights[:8])
+    if n > min(len(weights) - 8, 100 * 1024**2):
+        raise SamsError("The bundle's weights have a damaged header. Re-export it from the trained model.")
+    try:
+        header = json.loads(weights[8 : 8 + n])
+        return {k: (str(v["dtype"]), tuple(int(d) for d in v["shape"])) for k, v in header.items() if k != "__metadata__"}
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        raise SamsError(f"The bundle's weights have a damaged header ({exc}). Re-export it from the trained model.") from exc
+
+
+_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+           torch.int64: "I64", torch.int32: "I32", torch.bool: "BOOL", torch.uint8: "U8", torch.int8: "I8"}
+
+
+def _check_shapes(family: str, hparams: dict[str, Any], weights: bytes) -> None:
+    """The tensors in the weights' header are exactly those of a ``family`` model with
+    ``hparams``: the model is built on the meta device (no memory), then compared by name,
+    dtype and shape."""
+    try:
+        with torch.device("meta"):
+            meta = registry.build_model(family, **hparams)
+    except SamsError:
+        raise
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise SamsError(f"The bundle's hyper-parameters do not describe a {family} model ({exc}). Re-export it from the trained model.") from exc
+    want = {k: (_DTYPES.get(v.dtype, str(v.dtype)), tuple(v.shape)) for k, v in meta.state_dict().items()}
+    have = _header_shapes(weights)
+    if set(want) != set(have):
+        missing, extra = sorted(set(want) - set(have)), sorted(set(have) - set(want))
+        raise SamsError(
+            f"The bundle's weights do not fit a {family} model with its hyper-parameters "
+            f"(missing: {', '.join(missing[:3]) or 'none'}; unexpected: {', '.join(extra[:3]) or 'none'}). Re-export it from the trained model."
+        )
+    bad = [k for k in want if want[k][1] != have[k][1]]
+    if bad:
+        k = bad[0]
+        raise SamsError(
+            f"The bundle's weights do not fit a {family} model with its hyper-parameters: {k} has shape "
+            f"{list(have[k][1])}, the model {list(want[k][1])}. Re-export it from the trained model."
+        )
 
 
 def load_bundle(source: str | Path | bytes, device: str | torch.device | None = None) -> ModelBundle:
     """Read a bundle (path to a ``.sams`` file or folder, or the bytes of one).
 
-    Nothing from the file is executed. Raises :class:`SamsError` for a missing, truncated,
-    tampered or incompatible bundle.
+    Nothing from the file is executed; every read is bounded, the manifest is validated and its
+    checksum verified, the weights' checksum verified, and the tensor shapes checked against
+    the hyper-parameters before the model is allocated. Raises :class:`SamsError` for a missing,
+    truncated, tampered or incompatible bundle.
     """
-    raw_manifest, weights, path = read_parts(source)
-    manifest = parse_manifest(raw_manifest)
+    manifest, weights, path = read_bundle(source)
+    assert weights is not None
     digest = hashlib.sha256(weights).hexdigest()
     if digest != manifest.get("weights_sha256"):
         raise SamsError(
-            "The bundle's weights do not match the checksum in its manifest: the file was modified or "
-            "truncated. Re-export it from the trained model."
+            "The bundle was modified after it was saved: its weights do not match the checksum in its manifest "
+            "(edited or truncated). Re-export it from the trained model."
         )
-    family = manifest.get("family")
+    family = manifest["family"]
     if family not in registry.FAMILY_LABELS:
         raise SamsError(
             f"Unknown model family {family!r} in the bundle. Known: {', '.join(registry.FAMILY_LABELS)}. "
             "Register the family (sams_core.models.registry.register) before loading, or update sams_core."
         )
-    hparams = manifest.get("hparams")
-    if not isinstance(hparams, dict):
-        raise SamsError("The bundle's manifest has no hyper-parameters. The file is damaged.")
+    hparams = manifest["hparams"]
+    _check_shapes(family, hparams, weights)
     try:
         state = st_load(weights)
     except Exception as exc:  # safetensors raises its own error type for bad headers
@@ -216,13 +439,13 @@ def load_bundle(source: str | Path | bytes, device: str | torch.device | None = 
         recorded = manifest.get("training_state")
         # bundles written before the state was recorded were saved after their schedule had run
         model.restore_training_state(recorded if isinstance(recorded, dict) else {"phase": "final"})
-    except (TypeError, ValueError, RuntimeError) as exc:
+    except (TypeError, ValueError, RuntimeError, KeyError) as exc:
         raise SamsError(f"The bundle's weights do not fit a {family} model with its hyper-parameters ({exc}).") from exc
-    if len(manifest.get("genes", [])) != model.n_genes or len(manifest.get("perturbations", [])) != model.n_perturbations:
+    if len(manifest["genes"]) != model.n_genes or len(manifest["perturbations"]) != model.n_perturbations:
         raise SamsError("The bundle's gene or perturbation names do not match the model's size. The file is damaged.")
     dev = torch.device(device) if device is not None else torch.device("cpu")
     model.to(dev).eval()
     return ModelBundle(model=model, manifest=manifest, path=path)
 
 
-__all__ = ["FORMAT_VERSION", "ModelBundle", "load_bundle", "make_manifest", "save_bundle"]
+__all__ = ["FORMAT_VERSION", "ModelBundle", "check_output", "load_bundle", "make_manifest", "save_bundle"]
