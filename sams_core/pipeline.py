@@ -14,8 +14,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from sams_core.data.contract import check_same_kind
 from sams_core.data.screen import PerturbationData, from_anndata, read_h5ad
-from sams_core.data.splits import TRAIN, make_split
+from sams_core.data.splits import TRAIN, heldout_pairs, make_split
 from sams_core.errors import SamsError
 from sams_core.evaluation.metrics import Evaluation, evaluate_model
 from sams_core.io.bundle import ModelBundle, load_bundle, make_manifest, save_bundle
@@ -24,17 +25,22 @@ from sams_core.training.trainer import ProgressFn, TrainConfig, TrainResult, tra
 
 @dataclass
 class SplitSpec:
-    """How a split was made, so that it can be made again on the same data."""
+    """How a split was made, so that it can be made again on the same data.
+
+    ``level``: for ``heldout-covariate``, hold perturbations out at this level of the primary
+    covariate only (e.g. one cell line); None draws (condition, level) pairs at any level.
+    """
 
     kind: str = "heldout-combos"
     fraction: float = 0.25
     val_fraction: float = 0.1
     test_fraction: float = 0.1
     seed: int = 0
+    level: str | None = None
 
-    def make(self, data: PerturbationData, heldout: list[str] | None = None) -> np.ndarray:
+    def make(self, data: PerturbationData, heldout: list[Any] | None = None) -> np.ndarray:
         return make_split(
-            data, self.kind, self.fraction, self.val_fraction, self.test_fraction, self.seed, heldout
+            data, self.kind, self.fraction, self.val_fraction, self.test_fraction, self.seed, heldout, self.level
         )
 
     def as_dict(self) -> dict[str, Any]:
@@ -42,10 +48,15 @@ class SplitSpec:
 
 
 def split_record(spec: SplitSpec, data: PerturbationData, split: np.ndarray) -> dict[str, Any]:
-    """What a bundle stores about its split: the spec, the test conditions, the data checksum."""
+    """What a bundle stores about its split: the spec, the test conditions, the data checksum, and
+    on a screen with covariates the exact (condition, level) pairs of the test set."""
     test_labels = sorted({str(lab) for lab in data.labels[split == "test"]})
+    extra: dict[str, Any] = {}
+    if data.covariates:
+        extra = {"covariate": data.primary_covariate, "test_pairs": [list(p) for p in heldout_pairs(data, split)]}
     return {
         **spec.as_dict(),
+        **extra,
         "test_conditions": test_labels,
         "n_train": int((split == "train").sum()),
         "n_val": int((split == "val").sum()),
@@ -65,7 +76,13 @@ def train_bundle(
     n_ate_samples: int = 2000,
     **hparams: Any,
 ) -> tuple[ModelBundle, TrainResult, Evaluation | None]:
-    """Train a ``family`` model on ``data`` split by ``spec``, evaluate it, save it to ``out``."""
+    """Train a ``family`` model on ``data`` split by ``spec``, evaluate it, save it to ``out``.
+
+    On a screen with covariates (``data.covariates``, e.g. read with ``covariate_keys=["cell_type"]``)
+    the model conditions on them; its levels are in the manifest (``data.covariate_levels``) and
+    its metrics per level of the primary covariate in ``manifest["metrics_per_level"]``
+    (split → level → scores). Pass ``data.without_covariates()`` for a model without covariates.
+    """
     split = spec.make(data)
     model, result = train(data, family, split, config, progress, **hparams)
     evaluation = evaluate_model(model, data, split, n_ate_samples=n_ate_samples, seed=config.seed) if evaluate else None
@@ -96,6 +113,15 @@ def train_bundle(
         metrics=metrics,
         conditions=conditions,
     )
+    if evaluation is not None and not evaluation.per_level.empty:
+        per_level: dict[str, dict[str, Any]] = {}
+        for (split_name, level), row in evaluation.per_level.iterrows():
+            per_level.setdefault(str(split_name), {})[str(level)] = {
+                k: (None if pd.isna(v) else float(v)) for k, v in row.items()
+            }
+        manifest["metrics_per_level"] = per_level
+        if evaluation.notes:
+            manifest["metrics_notes"] = list(evaluation.notes)
     if out is not None:
         path = save_bundle(out, model, manifest)
         bundle = load_bundle(path, device=str(model.input_mean.device))
@@ -107,13 +133,18 @@ def train_bundle(
 def data_for_bundle(bundle: ModelBundle, source: str | Path | Any) -> PerturbationData:
     """Read a screen (path or AnnData) with the bundle's data settings, genes in the bundle's order.
 
-    Raises :class:`SamsError` when genes or perturbations of the bundle are missing from it.
+    Covariates are the bundle's, coded with its levels (a bundle without recorded covariates reads
+    none): a cell at a level the model never saw is refused. Raises :class:`SamsError` when genes
+    or perturbations of the bundle are missing from it.
     """
 
     s = bundle.manifest.get("data", {})
+    levels = s.get("covariate_levels") or {}
     kwargs = {
         "perturbation_key": s.get("perturbation_key"),
         "separators": s.get("separators", ["+"]),
+        "covariate_keys": list(s.get("covariate_keys") or []),
+        "covariate_levels": {str(k): [str(x) for x in v] for k, v in levels.items()},
     }
     data = read_h5ad(source, **kwargs) if isinstance(source, (str, Path)) else from_anndata(source, **kwargs)
     return align_to_bundle(data, bundle)
@@ -137,6 +168,7 @@ def align_to_bundle(data: PerturbationData, bundle: ModelBundle) -> Perturbation
             f"The data has perturbations the model never saw: {', '.join(unknown[:5])}. "
             "Load the data the model was trained on, or train a model on this data."
         )
+    check_same_kind(bundle.is_counts, data.is_counts, str(data.settings.get("counts_source") or "X"))
     return data.subset(genes=genes).with_perturbations(perts)
 
 
@@ -145,8 +177,16 @@ def split_for_bundle(bundle: ModelBundle, data: PerturbationData) -> np.ndarray:
     rec = bundle.split_spec
     if not rec:
         raise SamsError("The bundle records no split. Retrain it with this version of sams_core.")
-    spec = SplitSpec(**{k: rec[k] for k in ("kind", "fraction", "val_fraction", "test_fraction", "seed") if k in rec})
+    spec = SplitSpec(**{k: rec[k] for k in ("kind", "fraction", "val_fraction", "test_fraction", "seed", "level") if k in rec})
     split = spec.make(data)
+    pairs = rec.get("test_pairs")
+    if spec.kind == "heldout-covariate" and pairs is not None:
+        if sorted(map(list, heldout_pairs(data, split))) != sorted(map(list, pairs)):
+            lv = set(zip(map(str, data.labels), map(str, data.level_of_cells())))
+            present = [tuple(p) for p in pairs if tuple(p) in lv]
+            if present:
+                split = spec.make(data, present)
+        return split
     recorded = rec.get("test_conditions")
     if recorded is not None and spec.kind in ("heldout-combos", "heldout-perturbations"):
         made = sorted({str(lab) for lab in data.labels[split == "test"]})

@@ -33,7 +33,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from sams_core.data import contract
-from sams_core.data.screen import PerturbationData
+from sams_core.data.screen import PerturbationData, covariate_settings, read_covariates
 from sams_core.errors import SamsError
 from sams_core.labels import SEPARATORS
 
@@ -304,6 +304,7 @@ def read_h5ad_backed(
     n_top_genes: int | None = None,
     covariate_keys: Sequence[str] | None = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    covariate_levels: dict[str, Sequence[str]] | None = None,
 ) -> BackedPerturbationData:
     """Open an ``.h5ad`` screen without reading its expression matrix into memory.
 
@@ -333,6 +334,7 @@ def read_h5ad_backed(
     genes = contract.gene_names(var.index)
     conditions = contract.read_conditions(obs, perturbation_key, control_labels, separators)
     carried = contract.carried_obs(obs, conditions, covariate_keys)
+    covariates, codes, notes = read_covariates(obs, covariate_keys, covariate_levels)
     layer, where = contract.expression_source(layers, has_x, counts_layer)
     X = BackedMatrix(p, "X" if layer is None else f"layers/{layer}", chunk_size)
     n, g = X.shape
@@ -347,8 +349,10 @@ def read_h5ad_backed(
         "source": str(p),
         "backed": True,
         "chunk_size": int(chunk_size),
+        **covariate_settings(covariates, notes),
     }
     return BackedPerturbationData(
         X=X, is_counts=is_counts, library=library, dosages=conditions.dosages, labels=conditions.labels,
         perturbations=conditions.perturbations, genes=genes, obs=carried, settings=settings,
+        covariates=covariates, covariate_codes=codes,
     )

@@ -43,7 +43,8 @@ def _take_rows(X: Any, idx: np.ndarray) -> Any:
 
 
 class DeviceData:
-    """Expression, dosages, library sizes and condition ids of a set of cells, on one device.
+    """Expression, dosages, library sizes, condition ids and one-hot covariates of a set of cells,
+    on one device.
 
     Dense matrices are held as they are; sparse ones as CSR arrays, densified row-wise only for
     the rows of each mini-batch. :meth:`batch` gathers rows by index without host copies.
@@ -56,21 +57,25 @@ class DeviceData:
         self, data: PerturbationData, idx: np.ndarray, device: torch.device, cond: np.ndarray,
         dense: bool | None = None, storage: str = "float32",
     ):
-        self._load(_take_rows(data.X, idx), data.dosages[idx], data.library[idx], cond[idx], device, dense, storage)
+        self._load(
+            _take_rows(data.X, idx), data.dosages[idx], data.library[idx], cond[idx], device, dense, storage,
+            covariate_matrix(data, idx),
+        )
 
     @classmethod
     def from_arrays(
         cls, X: Any, dosages: np.ndarray, library: np.ndarray, cond: np.ndarray, device: torch.device,
-        dense: bool | None = None, storage: str = "float32",
+        dense: bool | None = None, storage: str = "float32", covariates: np.ndarray | None = None,
     ) -> DeviceData:
-        """Cells given as arrays (rows of ``X`` with their dosages, library sizes, condition ids)."""
+        """Cells given as arrays (rows of ``X`` with their dosages, library sizes, condition ids and
+        one-hot covariates [cells, Σ levels]; none when ``covariates`` is None)."""
         self = cls.__new__(cls)
-        self._load(X, dosages, library, cond, device, dense, storage)
+        self._load(X, dosages, library, cond, device, dense, storage, covariates)
         return self
 
     def _load(
         self, X: Any, dosages: np.ndarray, library: np.ndarray, cond: np.ndarray, device: torch.device,
-        dense: bool | None, storage: str,
+        dense: bool | None, storage: str, covariates: np.ndarray | None = None,
     ) -> None:
         if storage not in STORAGES:
             raise SamsError(f"Unknown storage {storage!r} for the expression matrix. Choose one of: {', '.join(STORAGES)}.")
@@ -100,6 +105,9 @@ class DeviceData:
         self.d = torch.as_tensor(np.asarray(dosages), device=device)
         self.library = torch.as_tensor(np.asarray(library), device=device)
         self.cond = torch.as_tensor(np.asarray(cond).astype(np.int64), device=device)
+        if covariates is None:
+            covariates = np.zeros((self.n, 0), dtype=np.float32)
+        self.c = torch.as_tensor(np.asarray(covariates, dtype=np.float32), device=device)
 
     def _store_half(self) -> None:
         """Hold the expression values in float16 if that loses nothing, else say why not."""
@@ -121,9 +129,9 @@ class DeviceData:
 
     @property
     def nbytes(self) -> int:
-        """Bytes this object holds on its device (expression, dosages, library sizes, condition ids)."""
+        """Bytes this object holds on its device (expression, dosages, library sizes, condition ids, covariates)."""
         held = [self.x] if self.x is not None else [self.crow, self.col, self.val]
-        return sum(t.numel() * t.element_size() for t in [*held, self.d, self.library, self.cond])
+        return sum(t.numel() * t.element_size() for t in [*held, self.d, self.library, self.cond, self.c])
 
     @property
     def gathers_on_device(self) -> bool:
@@ -146,7 +154,7 @@ class DeviceData:
 
     def batch(self, idx: torch.Tensor) -> Batch:
         """The cells at positions ``idx`` (a tensor on the device) as a model batch."""
-        return Batch(self._rows(idx), self.d[idx], self.library[idx], self.cond[idx])
+        return Batch(self._rows(idx), self.d[idx], self.library[idx], self.cond[idx], self.c[idx])
 
     def batches(self, batch_size: int, start: int = 0, stop: int | None = None) -> list[Batch]:
         """The cells at positions ``start``..``stop`` (default: all) in order, in batches of ``batch_size``."""
@@ -163,6 +171,16 @@ class DeviceData:
     def order(self, gen: torch.Generator) -> torch.Tensor:
         """A random order of all positions for one epoch."""
         return torch.randperm(self.n, device=self.device, generator=gen)
+
+
+def covariate_matrix(data: PerturbationData, idx: np.ndarray | None = None) -> np.ndarray:
+    """The one-hot covariates [cells, Σ levels] of the cells ``idx`` (all when None) of ``data``
+    ([cells, 0] for a screen without covariates, or an object without them)."""
+    onehot = getattr(data, "covariate_onehot", None)
+    if onehot is None:
+        n = data.n_cells if idx is None else int(np.asarray(idx).size)
+        return np.zeros((n, 0), dtype=np.float32)
+    return onehot(None if idx is None else np.asarray(idx))
 
 
 def condition_ids(model: PerturbationModel, data: PerturbationData) -> np.ndarray:
@@ -265,6 +283,7 @@ class ChunkedSource:
         chunks_per_buffer: int = 8,
         dense: bool | None = None,
         storage: str = "float32",
+        covariates: np.ndarray | None = None,
     ):
         self.X = X
         self.rows = np.asarray(idx, dtype=np.int64)
@@ -281,6 +300,9 @@ class ChunkedSource:
         self.d = torch.as_tensor(np.asarray(dosages)[self.rows], device=self.device)
         self.library = torch.as_tensor(np.asarray(library)[self.rows], device=self.device)
         self.cond = torch.as_tensor(np.asarray(cond)[self.rows].astype(np.int64), device=self.device)
+        # one-hot covariates of all cells of X ([cells, Σ levels]); none when None
+        cov = np.zeros((int(X.shape[0]), 0), dtype=np.float32) if covariates is None else np.asarray(covariates, dtype=np.float32)
+        self.c = torch.as_tensor(cov[self.rows], device=self.device)
         self._cache: OrderedDict[int, DeviceData] = OrderedDict()
         self._capacity = 2 * self.chunks_per_buffer + 1
         self.chunk_reads = 0  # chunks read from X so far (diagnostics, tests)
@@ -320,7 +342,7 @@ class ChunkedSource:
         """The cells at positions ``idx`` (a CPU tensor, as :meth:`order` gives) as a model batch."""
         pos = idx.detach().cpu().numpy().astype(np.int64)
         on_dev = torch.as_tensor(pos, device=self.device)
-        return Batch(self._rows(pos), self.d[on_dev], self.library[on_dev], self.cond[on_dev])
+        return Batch(self._rows(pos), self.d[on_dev], self.library[on_dev], self.cond[on_dev], self.c[on_dev])
 
     def batches(self, batch_size: int, start: int = 0, stop: int | None = None) -> Iterator[Batch]:
         """Cells at positions ``start``..``stop`` (default all) in order, in batches (each chunk read once)."""

@@ -39,8 +39,8 @@ PERTURBATION_KEYS: tuple[str, ...] = (
     "perturbation_name",
 )
 
-#: Covariates carried into ``PerturbationData.obs`` when present (others are named by the user).
-DEFAULT_COVARIATES: tuple[str, ...] = ("cell_type", "batch")
+#: Covariates detected (in this order) and modelled when present; others are named by the user.
+DEFAULT_COVARIATES: tuple[str, ...] = ("cell_type", "cell_line", "batch", "gem_group", "donor", "sample")
 
 #: How many stored values decide whether a matrix holds integer counts.
 INTEGER_SAMPLE = 200_000

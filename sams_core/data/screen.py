@@ -26,7 +26,18 @@ from sams_core.data import contract
 from sams_core.errors import SamsError
 from sams_core.labels import SEPARATORS, dosage_rows, split_label
 
-__all__ = ["PerturbationData", "from_anndata", "read_anndata", "read_h5ad", "select_genes"]
+__all__ = [
+    "MAX_COVARIATE_LEVELS",
+    "PerturbationData",
+    "from_anndata",
+    "read_anndata",
+    "read_covariates",
+    "read_h5ad",
+    "select_genes",
+]
+
+#: An auto-detected covariate column with more levels than this (or one level) is not modelled.
+MAX_COVARIATE_LEVELS = 1000
 
 #: Cells or genes picked by position, by boolean mask, or (genes) by name.
 Selection = Sequence[int] | Sequence[bool] | Sequence[str] | np.ndarray | slice
@@ -39,6 +50,12 @@ class PerturbationData:
     ``X`` holds counts (``is_counts``) or log-normalised values, dense or CSR sparse, float32;
     ``dosages[i, t]`` is the dose of single perturbation ``perturbations[t]`` in cell i;
     ``labels[i]`` is the cell's condition as a canonical string ("control", "A", "A+B").
+
+    ``covariates`` maps each modelled covariate column (cell type, batch ...) to its levels, in
+    the order the models one-hot encode them; ``covariate_codes[i, j]`` is cell i's level of
+    covariate j (an index into its levels). The first covariate is the *primary* one: data ATEs
+    compare cells with the controls of their own level of it, and metrics are reported per level
+    of it. A screen without covariates has ``covariates == {}``.
     """
 
     X: np.ndarray | sp.csr_matrix
@@ -50,6 +67,12 @@ class PerturbationData:
     genes: list[str]
     obs: pd.DataFrame
     settings: dict = field(default_factory=dict)
+    covariates: dict[str, list[str]] = field(default_factory=dict)
+    covariate_codes: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if self.covariate_codes is None:
+            self.covariate_codes = np.zeros((int(self.X.shape[0]), len(self.covariates)), dtype=np.int64)
 
     @property
     def n_cells(self) -> int:
@@ -77,6 +100,54 @@ class PerturbationData:
     def n_members(self) -> np.ndarray:
         """Number of single perturbations each cell received."""
         return np.count_nonzero(self.dosages, axis=1)
+
+    # ---- covariates -----------------------------------------------------------------------
+    @property
+    def covariate_keys(self) -> list[str]:
+        """The modelled covariate columns, primary first (empty without covariates)."""
+        return list(self.covariates)
+
+    @property
+    def primary_covariate(self) -> str | None:
+        """The covariate whose levels data ATEs and per-level metrics are taken in (None without)."""
+        return next(iter(self.covariates), None)
+
+    @property
+    def levels(self) -> list[str]:
+        """The levels of the primary covariate (empty without covariates)."""
+        key = self.primary_covariate
+        return list(self.covariates[key]) if key is not None else []
+
+    @property
+    def covariate_sizes(self) -> list[int]:
+        """Number of levels of each covariate (the widths of their one-hot blocks)."""
+        return [len(v) for v in self.covariates.values()]
+
+    def level_of_cells(self, cells: np.ndarray | None = None) -> np.ndarray:
+        """Each cell's level of the primary covariate as a string (object array); all "" without."""
+        idx = np.arange(self.n_cells) if cells is None else np.asarray(cells)
+        if not self.covariates:
+            return np.full(idx.size, "", dtype=object)
+        names = np.asarray(self.levels, dtype=object)
+        return names[self.covariate_codes[idx, 0]]
+
+    def covariate_onehot(self, cells: np.ndarray | None = None) -> np.ndarray:
+        """The one-hot covariate encoding [cells, Σ levels] (float32) the models condition on:
+        one block per covariate, in :attr:`covariates` order; [cells, 0] without covariates."""
+        codes = self.covariate_codes if cells is None else self.covariate_codes[np.asarray(cells)]
+        sizes = self.covariate_sizes
+        out = np.zeros((codes.shape[0], int(sum(sizes))), dtype=np.float32)
+        offset = 0
+        rows = np.arange(codes.shape[0])
+        for j, size in enumerate(sizes):
+            out[rows, offset + codes[:, j]] = 1.0
+            offset += size
+        return out
+
+    def without_covariates(self) -> PerturbationData:
+        """This screen with no modelled covariate (their obs columns stay for display)."""
+        settings = {**self.settings, "covariate_keys": [], "covariate_levels": {}}
+        return self.replace(covariates={}, covariate_codes=np.zeros((self.n_cells, 0), dtype=np.int64), settings=settings)
 
     def conditions(self) -> pd.DataFrame:
         """One row per distinct condition: label, number of members, cell count."""
@@ -117,7 +188,7 @@ class PerturbationData:
             rows = _positions(cells, self.n_cells, "cells")
             X = X[rows]
             changes.update(library=self.library[rows], dosages=self.dosages[rows], labels=self.labels[rows],
-                           obs=self.obs.iloc[rows])
+                           obs=self.obs.iloc[rows], covariate_codes=self.covariate_codes[rows])
         if genes is not None:
             cols = _positions(genes, self.n_genes, "genes", names=self.genes)
             if not np.array_equal(cols, np.arange(self.n_genes)):
@@ -163,6 +234,82 @@ class PerturbationData:
         return h.hexdigest()[:16]
 
 
+def read_covariates(
+    obs: pd.DataFrame,
+    covariate_keys: Sequence[str] | None = None,
+    levels: dict[str, Sequence[str]] | None = None,
+) -> tuple[dict[str, list[str]], np.ndarray, list[str]]:
+    """The covariates a screen models: (column → levels, codes [cells, covariates], notes).
+
+    ``covariate_keys`` None detects the columns of
+    :data:`~sams_core.data.contract.DEFAULT_COVARIATES` present in ``obs`` (a detected column with
+    one level, or more than :data:`MAX_COVARIATE_LEVELS`, is left out and the notes say why);
+    ``[]`` models none; a list models exactly those columns. Levels are the column's values as
+    strings, sorted, unless ``levels`` gives them (a bundle's levels): a cell whose level is not
+    among them is refused with a :class:`SamsError` naming the column and the level.
+    """
+    notes: list[str] = []
+    if covariate_keys is None:
+        keys: list[str] = []
+        for c in contract.DEFAULT_COVARIATES:
+            if c not in obs.columns:
+                continue
+            n = int(obs[c].astype(str).nunique())
+            if n < 2:
+                notes.append(f"obs[{c!r}] has one level only: not modelled as a covariate.")
+            elif n > MAX_COVARIATE_LEVELS:
+                notes.append(
+                    f"obs[{c!r}] has {n} levels (more than {MAX_COVARIATE_LEVELS}): not modelled as a covariate; "
+                    f"name it with covariate_keys=[{c!r}] to model it anyway."
+                )
+            else:
+                keys.append(c)
+    else:
+        keys = [str(c) for c in covariate_keys]
+        if len(set(keys)) != len(keys):
+            raise SamsError(f"Covariate column(s) named twice: {', '.join(keys)}. Name each once.")
+        missing = [c for c in keys if c not in obs.columns]
+        if missing:
+            raise SamsError(
+                f"Covariate column(s) {', '.join(missing)} not in obs (columns: {', '.join(map(str, obs.columns)) or 'none'}). "
+                "Name existing columns, or pass covariate_keys=[] (command line: --no-covariates) for none."
+            )
+    covariates: dict[str, list[str]] = {}
+    codes = np.zeros((len(obs), len(keys)), dtype=np.int64)
+    for j, c in enumerate(keys):
+        col = obs[c]
+        if col.isna().any():
+            raise SamsError(
+                f"{int(col.isna().sum())} cells have no value in covariate obs[{c!r}] (NaN). "
+                f"Fill them (e.g. adata.obs[{c!r}] = adata.obs[{c!r}].astype(str).fillna('unknown')) or drop those cells."
+            )
+        text = col.astype(str).to_numpy()
+        if levels is not None and c in levels:
+            known = [str(v) for v in levels[c]]
+            pos = {v: i for i, v in enumerate(known)}
+            unseen = sorted(set(text) - set(pos))
+            if unseen:
+                raise SamsError(
+                    f"Covariate {c!r} has level(s) {', '.join(map(repr, unseen[:5]))} that the model never saw "
+                    f"(it knows {', '.join(map(repr, known[:8]))}{' ...' if len(known) > 8 else ''}). "
+                    "Keep only cells of the known levels, or train a model on data with these levels."
+                )
+        else:
+            known = sorted(set(text))
+            pos = {v: i for i, v in enumerate(known)}
+        covariates[c] = known
+        codes[:, j] = np.fromiter((pos[v] for v in text), dtype=np.int64, count=len(text))
+    return covariates, codes, notes
+
+
+def covariate_settings(covariates: dict[str, list[str]], notes: Sequence[str]) -> dict[str, Any]:
+    """The reading settings that record a screen's covariates (kept in bundles' manifests)."""
+    out: dict[str, Any] = {"covariate_keys": list(covariates), "covariate_levels": {k: list(v) for k, v in covariates.items()}}
+    if notes:
+        out["covariate_notes"] = list(notes)
+    return out
+
+
 def _positions(sel: Selection, n: int, what: str, names: Sequence[str] | None = None) -> np.ndarray:
     """Integer positions of a selection of ``n`` cells or genes (positions, mask, names, slice)."""
     if isinstance(sel, slice):
@@ -194,6 +341,7 @@ def from_anndata(
     counts_layer: str | None = None,
     n_top_genes: int | None = None,
     covariate_keys: Sequence[str] | None = None,
+    covariate_levels: dict[str, Sequence[str]] | None = None,
 ) -> PerturbationData:
     """Read an AnnData screen into :class:`PerturbationData` following the data contract.
 
@@ -202,14 +350,18 @@ def from_anndata(
     (default: control, ctrl, non-targeting, NT, DMSO ...) are controls. Counts come from
     ``layers[counts_layer or 'counts']`` or from an integer-valued ``X``; otherwise ``X`` is
     taken as log-normalised and the data asks for a Gaussian likelihood. ``n_top_genes`` keeps
-    that many highly variable genes (scanpy). Covariates (``cell_type``, ``batch`` and any in
-    ``covariate_keys``) are carried in ``obs``. The checks and their messages are those of
+    that many highly variable genes (scanpy). Covariates the models condition on
+    (:func:`read_covariates`): detected among ``cell_type``, ``cell_line``, ``batch``,
+    ``gem_group``, ``donor``, ``sample`` when ``covariate_keys`` is None, none for ``[]``, else the
+    columns named; ``covariate_levels`` (a bundle's levels) codes them with known levels and
+    refuses unseen ones. The checks and their messages are those of
     :mod:`sams_core.data.contract`, shared with the backed reader.
     """
     contract.check_shape(adata.n_obs, adata.n_vars)
     genes = contract.gene_names(adata.var_names)
     conditions = contract.read_conditions(adata.obs, perturbation_key, control_labels, separators)
     obs = contract.carried_obs(adata.obs, conditions, covariate_keys)
+    covariates, codes, notes = read_covariates(adata.obs, covariate_keys, covariate_levels)
     layer, where = contract.expression_source(adata.layers.keys(), adata.X is not None, counts_layer)
     m = adata.layers[layer] if layer is not None else adata.X
     if hasattr(m, "to_memory"):
@@ -228,7 +380,9 @@ def from_anndata(
         perturbations=conditions.perturbations,
         genes=genes,
         obs=obs,
-        settings=contract.contract_settings(conditions, where, is_counts, n_top_genes),
+        settings={**contract.contract_settings(conditions, where, is_counts, n_top_genes), **covariate_settings(covariates, notes)},
+        covariates=covariates,
+        covariate_codes=codes,
     )
     if n_top_genes is not None and n_top_genes < data.n_genes:
         data = select_genes(data, n_top_genes)

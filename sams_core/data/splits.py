@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Sequence, Union
 
 import numpy as np
 
@@ -15,7 +15,11 @@ SPLIT_KINDS: tuple[str, ...] = (
     "heldout-combos",
     "data-efficiency",
     "heldout-perturbations",
+    "heldout-covariate",
 )
+
+#: A (condition, level) pair held out by the ``heldout-covariate`` split: ("A+B", "K562") or "A+B@K562".
+Pair = Union[str, Sequence[str]]
 
 
 TRAIN, VAL, TEST = "train", "val", "test"
@@ -30,7 +34,8 @@ def make_split(
     val_fraction: float = 0.1,
     test_fraction: float = 0.1,
     seed: int = 0,
-    heldout: Sequence[str] | None = None,
+    heldout: Sequence[str] | Sequence[Pair] | None = None,
+    level: str | None = None,
 ) -> np.ndarray:
     """Assign every cell to "train", "val" or "test" (a seeded split of DESIGN §3; "unused" below).
 
@@ -41,7 +46,13 @@ def make_split(
       alone so that every ``fraction`` is scored on the same cells; a ``fraction`` of the other
       half reaches training (nested: a larger fraction adds cells), the rest is ``"unused"``;
     - ``heldout-perturbations``: a ``fraction`` of the perturbation labels (or ``heldout``) is
-      the test set (the sVAE+ out-of-domain protocol).
+      the test set (the sVAE+ out-of-domain protocol);
+    - ``heldout-covariate`` (PerturBench's cell-type transfer): a perturbation measured at several
+      levels of the primary covariate (e.g. cell types) is held out at one of them and predicted
+      there. A ``fraction`` of the (condition, level) pairs whose condition is measured at two or
+      more levels is the test set, never all levels of one condition; ``level`` restricts the
+      pairs to that level (e.g. one cell line's perturbations); ``heldout`` names the pairs
+      ("A+B@K562" or ("A+B", "K562")). :func:`heldout_pairs` lists the pairs a split holds out.
     Validation cells are drawn at random from the cells left for training.
     """
     if kind not in SPLIT_KINDS:
@@ -80,6 +91,8 @@ def make_split(
             k = max(1, int(round(fraction * len(candidates))))
             chosen = sorted(rng.choice(candidates, size=k, replace=False).tolist())
         split[np.isin(labels, chosen)] = TEST
+    elif kind == "heldout-covariate":
+        split[_covariate_test_cells(data, labels, fraction, rng, heldout, level)] = TEST
     elif kind == "data-efficiency":
         combo_idx = np.flatnonzero(is_combo)
         if combo_idx.size == 0:
@@ -98,3 +111,80 @@ def make_split(
     if n_val:
         split[rng.choice(rest, size=n_val, replace=False)] = VAL
     return split
+
+
+def _pair(p: Pair) -> tuple[str, str]:
+    if isinstance(p, str):
+        label, sep, lvl = p.rpartition("@")
+        if not sep:
+            raise SamsError(f"Held-out pair {p!r} names no level. Write it as 'CONDITION@LEVEL', e.g. 'KLF1@K562'.")
+        return label, lvl
+    label, lvl = p
+    return str(label), str(lvl)
+
+
+def _covariate_test_cells(
+    data: PerturbationData, labels: np.ndarray, fraction: float, rng: np.random.Generator,
+    heldout: Sequence[Pair] | None, level: str | None,
+) -> np.ndarray:
+    """The cells of the (condition, level) pairs the heldout-covariate split holds out."""
+    if not data.covariates:
+        raise SamsError(
+            "The heldout-covariate split holds a perturbation out in one covariate level, but this data has no "
+            "covariates. Read it with covariate_keys=['cell_type'] (command line: --covariate cell_type) or pick another split."
+        )
+    key = data.primary_covariate
+    lv = data.level_of_cells().astype(str)
+    if level is not None and level not in data.levels:
+        raise SamsError(f"{level!r} is not a level of {key} (levels: {', '.join(data.levels)}). Pick one of them.")
+    treated = labels != "control"
+    levels_of: dict[str, set[str]] = {}
+    for lab, l_ in zip(labels[treated], lv[treated]):
+        levels_of.setdefault(str(lab), set()).add(str(l_))
+    if heldout is not None:
+        chosen = [_pair(p) for p in heldout]
+        for lab, l_ in chosen:
+            if l_ not in levels_of.get(lab, set()):
+                raise SamsError(
+                    f"{lab} has no cells at {key} = {l_}, so it cannot be held out there. "
+                    "Name (condition, level) pairs that the data measures."
+                )
+        for lab in {lab for lab, _ in chosen}:
+            if levels_of[lab] <= {l_ for c, l_ in chosen if c == lab}:
+                raise SamsError(
+                    f"Holding {lab} out at every level it was measured in leaves nothing to transfer from. "
+                    "Keep at least one of its levels in training."
+                )
+    else:
+        candidates = sorted(
+            (lab, l_) for lab, ls in levels_of.items() if len(ls) >= 2 for l_ in ls if level is None or l_ == level
+        )
+        if not candidates:
+            where = f" at {key} = {level}" if level is not None else ""
+            raise SamsError(
+                f"No perturbation is measured at two or more levels of {key}{where}, so none can be held out in one "
+                "level and predicted from the others. Use heldout-perturbations or heldout-combos instead."
+            )
+        k = max(1, int(round(fraction * len(candidates))))
+        left = {lab: set(ls) for lab, ls in levels_of.items()}
+        chosen = []
+        for i in rng.permutation(len(candidates)):
+            lab, l_ = candidates[i]
+            if len(chosen) == k:
+                break
+            if len(left[lab]) > 1:
+                left[lab].discard(l_)
+                chosen.append((lab, l_))
+        chosen.sort()
+    keys = set(chosen)
+    return np.flatnonzero(treated & np.fromiter(((str(a), b) in keys for a, b in zip(labels, lv)), bool, len(labels)))
+
+
+def heldout_pairs(data: PerturbationData, split: np.ndarray, which: str = TEST) -> list[tuple[str, str]]:
+    """The (condition, level of the primary covariate) pairs with cells in split ``which``
+    (controls left out); empty for a screen without covariates."""
+    if not data.covariates:
+        return []
+    sel = (np.asarray(split) == which) & (data.labels != "control")
+    lv = data.level_of_cells()
+    return sorted({(str(a), str(b)) for a, b in zip(data.labels[sel], lv[sel])})

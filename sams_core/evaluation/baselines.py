@@ -9,16 +9,30 @@ import numpy as np
 import pandas as pd
 
 from sams_core.data.screen import PerturbationData
-from sams_core.evaluation.metrics import cosine_matrix, data_ate
+from sams_core.evaluation.metrics import cosine_matrix, data_ate, data_ate_by_level
 from sams_core.labels import split_label
 
 
 # ---------------------------------------------------------------------------------------------
 # baselines from data alone
-def observed_effects(data: PerturbationData, cells: np.ndarray | None = None) -> pd.DataFrame:
-    """Observed effect (data ATE) of every measured condition; rows = condition labels."""
+def observed_effects(data: PerturbationData, cells: np.ndarray | None = None, level: str | None = None) -> pd.DataFrame:
+    """Observed effect (data ATE) of every measured condition; rows = condition labels.
 
-    return data_ate(data, cells)
+    On a screen with covariates, cells are compared with the controls of their own level of the
+    primary covariate (:func:`~sams_core.evaluation.metrics.data_ate`): ``level`` gives one
+    level's effects, None each condition's cell-weighted mean over levels. ``attrs["notes"]``
+    says where a level had no controls and all controls were used instead.
+    """
+
+    return data_ate(data, cells, level=level)
+
+
+def observed_effects_by_level(data: PerturbationData, cells: np.ndarray | None = None) -> dict[str, pd.DataFrame]:
+    """Observed effects per level of the primary covariate (level → table), each against the
+    controls of that level (all controls, with a note, where a level has none); empty without
+    covariates. Baselines per level are these tables passed to :func:`additive_baseline` and
+    :func:`mean_baseline`."""
+    return data_ate_by_level(data, cells)
 
 
 def additive_baseline(observed: pd.DataFrame, labels: Sequence[str]) -> pd.DataFrame:

@@ -67,18 +67,103 @@ def condition_means(data: PerturbationData, cells: np.ndarray | None = None) -> 
     return pd.DataFrame(out, index=uniq, columns=data.genes)
 
 
-def data_ate(data: PerturbationData, cells: np.ndarray | None = None, control_cells: np.ndarray | None = None) -> pd.DataFrame:
-    """Observed average treatment effect per condition (rows) and gene: mean minus control mean.
-
-    Controls come from ``control_cells`` (default: all control cells of the data).
-    """
+def _pooled_ate(data: PerturbationData, cells: np.ndarray | None, ctrl_idx: np.ndarray) -> pd.DataFrame:
+    """Mean of each condition's ``cells`` minus the mean of the controls ``ctrl_idx``."""
     means = condition_means(data, cells)
-    ctrl_idx = np.flatnonzero(data.control_mask) if control_cells is None else np.asarray(control_cells)
     if ctrl_idx.size == 0:
         raise SamsError("No control cells to compare against. The data needs control cells.")
     ctrl = condition_means(data, ctrl_idx).loc["control"]
     means = means.drop(index="control", errors="ignore")
     return means - ctrl
+
+
+def _as_positions(cells: np.ndarray | None, n: int) -> np.ndarray:
+    idx = np.arange(n) if cells is None else np.asarray(cells)
+    return np.flatnonzero(idx) if idx.dtype == bool else idx.astype(np.int64)
+
+
+def data_ate_by_level(
+    data: PerturbationData, cells: np.ndarray | None = None, control_cells: np.ndarray | None = None,
+) -> dict[str, pd.DataFrame]:
+    """Observed ATE per level of the primary covariate: level → table (rows: the conditions with
+    cells at that level, columns: genes), each against the controls of the same level.
+
+    A level without controls among ``control_cells`` (default: all controls) is compared with
+    all of them instead, and its table's ``attrs["notes"]`` says so. Empty without covariates.
+    """
+    if not data.covariates:
+        return {}
+    idx = _as_positions(cells, data.n_cells)
+    ctrl_all = np.flatnonzero(data.control_mask) if control_cells is None else _as_positions(control_cells, data.n_cells)
+    lv = data.level_of_cells()
+    out: dict[str, pd.DataFrame] = {}
+    for level in data.levels:
+        mine = idx[(lv[idx] == level) & (data.labels[idx] != "control")]
+        if mine.size == 0:
+            continue
+        ctrl = ctrl_all[lv[ctrl_all] == level]
+        note = None
+        if ctrl.size == 0:
+            ctrl = ctrl_all
+            note = (
+                f"{data.primary_covariate} = {level} has no control cells: its effects are taken against the "
+                "controls of all levels."
+            )
+        t = _pooled_ate(data, mine, ctrl)
+        t.attrs["notes"] = [note] if note else []
+        out[level] = t
+    return out
+
+
+def data_ate(
+    data: PerturbationData,
+    cells: np.ndarray | None = None,
+    control_cells: np.ndarray | None = None,
+    level: str | None = None,
+    match_covariates: bool = True,
+) -> pd.DataFrame:
+    """Observed average treatment effect per condition (rows) and gene: mean minus control mean.
+
+    Controls come from ``control_cells`` (default: all control cells of the data). On a screen
+    with covariates (``data.covariates``) each perturbed cell is compared with the controls of
+    its own level of the primary covariate (:func:`data_ate_by_level`): ``level`` gives that
+    level's table; otherwise a condition's effect is the mean of its per-level effects weighted
+    by its cells at each level. A level without controls falls back to all controls, and
+    ``attrs["notes"]`` of the table says so. ``match_covariates=False`` (or a screen without
+    covariates) compares every cell with all the controls.
+    """
+    ctrl_idx = np.flatnonzero(data.control_mask) if control_cells is None else _as_positions(control_cells, data.n_cells)
+    if not data.covariates or not match_covariates:
+        if level is not None:
+            raise SamsError(f"The data has no covariate levels to pick {level!r} from. Read it with covariate_keys=[...].")
+        return _pooled_ate(data, cells, ctrl_idx)
+    if level is not None and level not in data.levels:
+        raise SamsError(
+            f"{level!r} is not a level of {data.primary_covariate} (levels: {', '.join(data.levels)}). Pick one of them."
+        )
+    per = data_ate_by_level(data, cells, ctrl_idx)
+    if ctrl_idx.size == 0:
+        raise SamsError("No control cells to compare against. The data needs control cells.")
+    notes = [n for t in per.values() for n in t.attrs.get("notes", [])]
+    if level is not None:
+        t = per.get(level, pd.DataFrame(columns=data.genes, dtype=np.float64))
+        t.attrs["notes"] = notes if level in per else []
+        return t
+    idx = _as_positions(cells, data.n_cells)
+    idx = idx[data.labels[idx] != "control"]
+    lv = data.level_of_cells()
+    labels = sorted({str(x) for x in data.labels[idx]})
+    total = pd.DataFrame(0.0, index=labels, columns=data.genes)
+    weight = pd.Series(0.0, index=labels)
+    for level_name, t in per.items():
+        sel = idx[lv[idx] == level_name]
+        n = pd.Series(data.labels[sel].astype(str)).value_counts()
+        n = n.reindex(t.index).fillna(0.0)
+        total.loc[t.index] += t.mul(n, axis=0).to_numpy()
+        weight.loc[t.index] += n.to_numpy()
+    out = total.div(weight, axis=0)
+    out.attrs["notes"] = notes
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -100,6 +185,7 @@ def model_ate_draws(
     n_per_global: int = 20,
     seed: int = 0,
     sample_counts: bool = True,
+    covariate_level: int | None = None,
 ) -> np.ndarray:
     """Predicted treatment effects per draw of the globals: array [n_globals, R, G].
 
@@ -109,13 +195,22 @@ def model_ate_draws(
     when ``sample_counts`` is False) goes through the ATE transform, is averaged, and the control
     row computed with the same globals is subtracted. The mean over draws is the model ATE;
     quantiles over draws give credible intervals.
+
+    ``covariate_level`` (index of a level of the primary covariate) predicts treated and control
+    cells at that level; None predicts them at the training shares of the levels (pooled). A model
+    without covariates takes no level.
     """
     device = model.input_mean.device
     model.eval()
     with seeded(device, seed):
         d = torch.as_tensor(np.vstack([np.zeros((1, d_rows.shape[1]), dtype=np.float32), d_rows]), device=device)
         globals_ = model.sample_globals(n_globals)
-        out = model.predict(d, globals_, n_per_global)  # [n_globals * n_per_global, R+1, G]
+        if model.n_covariates:
+            c = model.covariate_row(covariate_level)
+            out = model.predict(d, globals_, n_per_global, c)  # [n_globals * n_per_global, R+1, G]
+        else:
+            model.covariate_row(covariate_level)  # refuses a level for a model without covariates
+            out = model.predict(d, globals_, n_per_global)
         if sample_counts and is_counts:
             x = model.likelihood.sample(out, LIBRARY_SCALE)
         else:
@@ -134,12 +229,16 @@ def model_ate(
     n_samples: int = 2000,
     seed: int = 0,
     chunk: int = 16,
+    covariate_level: int | None = None,
 ) -> pd.DataFrame:
     """Predicted ATE (mean over posterior-predictive samples) for condition labels; rows = labels.
 
     ``n_samples`` cells per condition: 100 draws of the globals × n_samples/100 basal states.
     Conditions the model cannot predict (sVAE+ on unseen combinations) are rows of NaN.
+    ``covariate_level``: index of the primary covariate's level to predict at (None: pooled),
+    see :func:`model_ate_draws`.
     """
+    model.covariate_row(covariate_level)  # a level the model cannot take is refused here, not turned into NaN
     n_globals = 100
     per = max(1, n_samples // n_globals)
     rows = []
@@ -147,13 +246,17 @@ def model_ate(
         part = list(labels[s : s + chunk])
         d = dosage_rows(part, perturbations)
         try:
-            draws = model_ate_draws(model, d, is_counts, n_globals=n_globals, n_per_global=per, seed=seed + s)
+            draws = model_ate_draws(
+                model, d, is_counts, n_globals=n_globals, n_per_global=per, seed=seed + s, covariate_level=covariate_level,
+            )
             rows.append(draws.mean(0))
         except SamsError:
             one = []
             for r in range(len(part)):
                 try:
-                    one.append(model_ate_draws(model, d[r : r + 1], is_counts, n_globals, per, seed + s + r).mean(0)[0])
+                    one.append(model_ate_draws(
+                        model, d[r : r + 1], is_counts, n_globals, per, seed + s + r, covariate_level=covariate_level,
+                    ).mean(0)[0])
                 except SamsError:
                     one.append(np.full(model.n_genes, np.nan))
             rows.append(np.stack(one))
@@ -309,11 +412,21 @@ def effect_scores(observed: pd.DataFrame, predicted: pd.DataFrame, k: int = TOP_
 # the whole protocol for one model
 @dataclass
 class Evaluation:
-    """Metrics per split (rows: train, test, ...) and the effect tables behind them."""
+    """Metrics per split (rows: train, test, ...) and the effect tables behind them.
+
+    On a screen with covariates, ``metrics`` is pooled over the levels of the primary covariate
+    and ``per_level`` has one row per (split, level) with the same columns; ``observed_by_level``
+    and ``predicted_by_level`` hold the tables behind them, keyed ``(split, level)``; ``notes``
+    says where a level had no controls of its own.
+    """
 
     metrics: pd.DataFrame
     observed: dict[str, pd.DataFrame] = field(default_factory=dict)
     predicted: dict[str, pd.DataFrame] = field(default_factory=dict)
+    per_level: pd.DataFrame = field(default_factory=pd.DataFrame)
+    observed_by_level: dict[tuple[str, str], pd.DataFrame] = field(default_factory=dict)
+    predicted_by_level: dict[tuple[str, str], pd.DataFrame] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
 
 
 def split_conditions(data: PerturbationData, split: np.ndarray, which: str) -> list[str]:
@@ -340,6 +453,12 @@ def evaluate_model(
 
     Observed effects of a split use its own cells of each condition against all control cells.
     ``max_iwelbo_cells`` subsamples (seeded) cells for the IWELBO of large splits.
+
+    On a screen with covariates the effects are taken per level of the primary covariate
+    (:func:`data_ate_by_level`: cells against the controls of their level; the model predicts at
+    that level, or pooled when it has no covariates): :attr:`Evaluation.per_level` has a row per
+    (split, level) with the level's cells' IWELBO and scores, and the pooled row of each split
+    scores every condition's cell-weighted mean of its per-level effects, observed and predicted.
     """
     if split.shape[0] != data.n_cells:
         raise SamsError(f"The split has {split.shape[0]} entries for {data.n_cells} cells. Use the split made for this data.")
@@ -347,6 +466,8 @@ def evaluate_model(
     ctrl = np.flatnonzero(data.control_mask)
     rows = []
     ev = Evaluation(metrics=pd.DataFrame())
+    if data.covariates:
+        return _evaluate_by_level(model, data, split, n_iwelbo_samples, n_ate_samples, max_iwelbo_cells, seed, splits, ev)
     for which in splits:
         cells = np.flatnonzero(split == which)
         if cells.size == 0:
@@ -363,4 +484,67 @@ def evaluate_model(
         ev.observed[which] = obs
         ev.predicted[which] = pred
     ev.metrics = pd.DataFrame(rows).set_index("split") if rows else pd.DataFrame()
+    return ev
+
+
+def _evaluate_by_level(
+    model: PerturbationModel,
+    data: PerturbationData,
+    split: np.ndarray,
+    n_iwelbo_samples: int,
+    n_ate_samples: int,
+    max_iwelbo_cells: int | None,
+    seed: int,
+    splits: Sequence[str],
+    ev: Evaluation,
+) -> Evaluation:
+    """:func:`evaluate_model` on a screen with covariates: per level of the primary covariate and pooled."""
+    rng = np.random.default_rng(seed)
+    ctrl = np.flatnonzero(data.control_mask)
+    lv = data.level_of_cells()
+    conditions_level = model.n_covariates > 0
+    rows, level_rows = [], []
+    for which in splits:
+        cells = np.flatnonzero(split == which)
+        if cells.size == 0:
+            continue
+        treated = cells[data.labels[cells] != "control"]
+        per_obs = data_ate_by_level(data, treated, ctrl)
+        pooled_pred: pd.DataFrame | None = None
+        for level, obs in per_obs.items():
+            ev.notes.extend(n for n in obs.attrs.get("notes", []) if n not in ev.notes)
+            conds = list(obs.index)
+            k = data.levels.index(level) if conditions_level else None
+            pred = model_ate(model, conds, data.perturbations, data.is_counts, n_ate_samples, seed, covariate_level=k)
+            pred.columns = data.genes
+            ev.observed_by_level[(which, level)] = obs
+            ev.predicted_by_level[(which, level)] = pred
+            mine = cells[lv[cells] == level]
+            sub = mine if max_iwelbo_cells is None or mine.size <= max_iwelbo_cells else np.sort(rng.choice(mine, max_iwelbo_cells, replace=False))
+            iw = iwelbo(model, data, sub, n_iwelbo_samples, seed)
+            level_rows.append({
+                "split": which, "level": level, "n_cells": int(mine.size), "iwelbo": float(iw.mean()) if iw.size else float("nan"),
+                **effect_scores(obs, pred),
+            })
+        # pooled: each condition's per-level effects weighted by its cells at each level
+        obs_pooled = data_ate(data, treated, ctrl)
+        if len(obs_pooled.index):
+            total = pd.DataFrame(0.0, index=obs_pooled.index, columns=data.genes)
+            weight = pd.Series(0.0, index=obs_pooled.index)
+            for level, pred in ev.predicted_by_level.items():
+                if level[0] != which:
+                    continue
+                sel = treated[lv[treated] == level[1]]
+                n = pd.Series(data.labels[sel].astype(str)).value_counts().reindex(pred.index).fillna(0.0)
+                total.loc[pred.index] += pred.mul(n, axis=0).to_numpy()
+                weight.loc[pred.index] += n.to_numpy()
+            pooled_pred = total.div(weight, axis=0)
+        sub = cells if max_iwelbo_cells is None or cells.size <= max_iwelbo_cells else np.sort(rng.choice(cells, max_iwelbo_cells, replace=False))
+        iw = iwelbo(model, data, sub, n_iwelbo_samples, seed)
+        scores = effect_scores(obs_pooled, pooled_pred) if pooled_pred is not None else {}
+        rows.append({"split": which, "n_cells": int(cells.size), "iwelbo": float(iw.mean()), **scores})
+        ev.observed[which] = obs_pooled if len(obs_pooled.index) else pd.DataFrame()
+        ev.predicted[which] = pooled_pred if pooled_pred is not None else pd.DataFrame()
+    ev.metrics = pd.DataFrame(rows).set_index("split") if rows else pd.DataFrame()
+    ev.per_level = pd.DataFrame(level_rows).set_index(["split", "level"]) if level_rows else pd.DataFrame()
     return ev

@@ -107,8 +107,13 @@ def predict_effect(
     level: float = 0.9,
     seed: int = 0,
     sample_counts: bool = False,
+    covariate_level: str | None = None,
 ) -> EffectPrediction:
     """Predicted effect of ``combo`` (a label "A+B", a member list, or {name: dosage}).
+
+    ``covariate_level``: a level of the model's primary covariate (e.g. a cell type, see
+    ``bundle.covariates``) to predict in; None predicts at the training shares of the levels
+    (pooled; the only choice for a model without covariates).
 
     The combination and each of its members are predicted with the same draws of the globals,
     so the interaction (combination minus the sum of its singles) carries no Monte-Carlo
@@ -122,7 +127,8 @@ def predict_effect(
         raise SamsError("Pick at least one perturbation: the control has no effect to predict.")
     rows = [members] + ([{m: v} for m, v in members.items()] if len(members) > 1 else [])
     d = dosage_rows(rows, bundle.perturbations)
-    draws = model_ate_draws(bundle.model, d, bundle.is_counts, n_globals, n_per_global, seed, sample_counts)
+    k = bundle.level_index(covariate_level)
+    draws = model_ate_draws(bundle.model, d, bundle.is_counts, n_globals, n_per_global, seed, sample_counts, covariate_level=k)
     q = (1 - level) / 2
     main = draws[:, 0]
     singles = {m: draws[:, i + 1].mean(0) for i, m in enumerate(members)} if len(members) > 1 else {next(iter(members)): main.mean(0)}
@@ -131,7 +137,8 @@ def predict_effect(
         interaction = (main - draws[:, 1:].sum(1)).mean(0)
     with torch.no_grad():
         dev = bundle.model.input_mean.device
-        shift = bundle.model.latent_shift(torch.as_tensor(d[:1], device=dev))[0].cpu().numpy()
+        c = bundle.model.covariate_row(k).unsqueeze(0) if bundle.model.n_covariates else None
+        shift = bundle.model.latent_shift(torch.as_tensor(d[:1], device=dev), c)[0].cpu().numpy()
     return EffectPrediction(
         label=combination_label(members, bundle.perturbations),
         dosages=dict(members),

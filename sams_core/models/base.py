@@ -41,16 +41,19 @@ from sams_core.models.registry import FamilySpec
 
 @dataclass
 class Batch:
-    """A mini-batch on the model's device: expression, dosage rows, library sizes, condition ids.
+    """A mini-batch on the model's device: expression, dosage rows, library sizes, condition ids,
+    and the cells' one-hot covariates.
 
     ``cond`` indexes the model's condition vocabulary (sVAE+); -1 marks controls or unknown
-    conditions.
+    conditions. ``c`` is [B, Σ levels] (see :meth:`sams_core.data.screen.PerturbationData.covariate_onehot`);
+    None or [B, 0] for a screen without covariates.
     """
 
     x: torch.Tensor
     d: torch.Tensor
     library: torch.Tensor
     cond: torch.Tensor
+    c: torch.Tensor | None = None
 
     @property
     def size(self) -> int:
@@ -117,6 +120,15 @@ class SplitInputMLP(nn.Module):
         return self.forward_from(self.project_a(a), b)
 
 
+def mlp_forward(net: nn.Sequential, x: torch.Tensor, extra: torch.Tensor | None = None) -> torch.Tensor:
+    """``net(x)`` with ``extra`` added to the first layer's output (before its activation): how the
+    covariates enter an :func:`mlp` (``extra`` broadcasts over particle dimensions of ``x``).
+    Without ``extra`` it is exactly ``net(x)``."""
+    if extra is None:
+        return net(x)
+    return net[1:](net[0](x) + extra)
+
+
 class ScreenCells(Protocol):
     """What a family may read from a screen to set itself up: each cell's condition label
     ("control", "A", "A+B") and the dosage row of a label
@@ -140,11 +152,23 @@ class PerturbationModel(nn.Module):
         likelihood: str = "nb",
         n_hidden: int = 350,
         n_layers: int = 1,
+        covariate_sizes: Sequence[int] = (),
         **hparams: Any,
     ):
         """The hyper-parameters every family shares (latent units, likelihood, width and depth of
-        its networks); a family's own ones in ``hparams`` are recorded with them."""
+        its networks, the number of levels of each covariate); a family's own ones in ``hparams``
+        are recorded with them.
+
+        With ``covariate_sizes`` (levels per covariate, e.g. ``[4]`` for four cell types) the
+        encoder and decoder condition on the cells' one-hot covariates, scVI style: the one-hot
+        vector enters the first layer of each network, so the latent state describes a cell
+        within its covariate levels and perturbation shifts stay in the shared latent space.
+        Without covariates the model has no covariate parameter at all (exactly as before)."""
         super().__init__()
+        self.covariate_sizes = [int(v) for v in covariate_sizes]
+        if any(v < 1 for v in self.covariate_sizes):
+            raise SamsError(f"covariate_sizes must be positive level counts, got {self.covariate_sizes}.")
+        self.n_covariates = int(sum(self.covariate_sizes))
         self.hparams: dict[str, Any] = {
             "n_genes": n_genes,
             "n_perturbations": n_perturbations,
@@ -152,6 +176,7 @@ class PerturbationModel(nn.Module):
             "likelihood": likelihood,
             "n_hidden": n_hidden,
             "n_layers": n_layers,
+            **({"covariate_sizes": list(self.covariate_sizes)} if self.covariate_sizes else {}),
             **hparams,
         }
         self.n_genes = n_genes
@@ -164,6 +189,62 @@ class PerturbationModel(nn.Module):
         self.register_buffer("input_std", torch.ones(n_genes))
         # cells per perturbation in the training split: global terms are charged 1/N_t per cell
         self.register_buffer("pert_counts", torch.ones(n_perturbations))
+        if self.n_covariates:
+            # share of training cells at each level (the covariate input of a pooled prediction)
+            self.register_buffer("covariate_freq", torch.cat([torch.full((k,), 1.0 / k) for k in self.covariate_sizes]))
+
+    # ---- covariates ------------------------------------------------------------------------
+    def covariate_layer(self, n_out: int) -> nn.Linear | None:
+        """A bias-free projection of the one-hot covariates into a first hidden layer of width
+        ``n_out`` (None for a model without covariates: no parameter is created)."""
+        return nn.Linear(self.n_covariates, n_out, bias=False) if self.n_covariates else None
+
+    def covariates_of(self, batch: Batch) -> torch.Tensor | None:
+        """The batch's one-hot covariates checked against the model (None without covariates)."""
+        if not self.n_covariates:
+            return None
+        c = batch.c
+        if c is None or c.shape[-1] != self.n_covariates:
+            got = 0 if c is None else int(c.shape[-1])
+            raise SamsError(
+                f"This model conditions on covariates ({self.n_covariates} one-hot columns) but the cells carry {got}. "
+                "Read the data with the model's covariates (pipeline.data_for_bundle does)."
+            )
+        return c
+
+    @torch.no_grad()
+    def set_covariate_stats(self, frequencies: torch.Tensor) -> None:
+        """Store each level's share of the training cells (per covariate block; sums to 1 each)."""
+        if self.n_covariates:
+            self.covariate_freq.copy_(frequencies.to(self.covariate_freq))
+
+    def covariate_row(self, level: int | None = None) -> torch.Tensor:
+        """The covariate input of a prediction [Σ levels]: the primary covariate's one-hot ``level``
+        (its index), the other covariates at their training shares; all at their training shares
+        (a pooled prediction) when ``level`` is None. Empty for a model without covariates."""
+        dev = self.input_mean.device
+        if not self.n_covariates:
+            if level is not None:
+                raise SamsError("This model was trained without covariates; predict without a covariate level.")
+            return torch.zeros(0, device=dev)
+        row = self.covariate_freq.clone()
+        if level is not None:
+            k = self.covariate_sizes[0]
+            if not 0 <= int(level) < k:
+                raise SamsError(f"Covariate level index {level} out of range: the model knows {k} levels.")
+            row[:k] = 0.0
+            row[int(level)] = 1.0
+        return row
+
+    def prediction_covariates(self, c: torch.Tensor | None, n_rows: int) -> torch.Tensor | None:
+        """Covariates [R, Σ levels] for ``n_rows`` predicted rows from ``c`` (a row [Σ levels],
+        rows [R, Σ levels], or None: pooled); None for a model without covariates."""
+        if not self.n_covariates:
+            return None
+        if c is None:
+            c = self.covariate_row(None)
+        c = c.to(self.input_mean.device, torch.float32)
+        return c.expand(n_rows, -1) if c.dim() == 1 else c
 
     # ---- what the family is (declared once, in the registry) ---------------------------
     @property
@@ -222,7 +303,7 @@ class PerturbationModel(nn.Module):
 
     def global_parameter_names(self) -> set[str]:
         """Names of the parameters of per-perturbation global latents (trained at their own rate)."""
-        return {n for n in ("mask_logits", "e_mean", "e_log_std", "shift", "pi_logits") if hasattr(self, n)}
+        return {n for n in ("mask_logits", "e_mean", "e_log_std", "shift", "pi_logits", "shift_offset") if hasattr(self, n)}
 
     def parameter_groups(self, lr: float, global_lr_scale: float = 1.0) -> list[dict[str, Any]]:
         """Optimiser parameter groups: networks at ``lr``, per-perturbation globals at ``lr × scale``.
@@ -312,11 +393,15 @@ class PerturbationModel(nn.Module):
         """A single representative value of the globals (guide means, most likely masks)."""
         return self.sample_globals(1)
 
-    def predict(self, d: torch.Tensor, globals_: dict[str, torch.Tensor], n_per_global: int = 1) -> torch.Tensor:
+    def predict(
+        self, d: torch.Tensor, globals_: dict[str, torch.Tensor], n_per_global: int = 1, c: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Decoder output [S, R, G] for dosage rows ``d`` [R, T] with z_b from the prior.
 
         S = (number of global draws) × ``n_per_global``; apply ``likelihood.mean`` to get
-        expected expression.
+        expected expression. ``c``: the covariates to predict at, one row [Σ levels] for all rows
+        or one per row (:meth:`covariate_row` makes one for a level); None: at the training
+        shares of every level (pooled). Ignored by a model without covariates.
         """
         raise NotImplementedError
 
@@ -332,8 +417,9 @@ class PerturbationModel(nn.Module):
         """Probability that each row (perturbation) acts on each latent unit; None without masks."""
         return None
 
-    def latent_shift(self, d: torch.Tensor) -> torch.Tensor:
-        """Expected latent shift of dosage rows ``d`` [R, T] → [R, K] (zero without one)."""
+    def latent_shift(self, d: torch.Tensor, c: torch.Tensor | None = None) -> torch.Tensor:
+        """Expected latent shift of dosage rows ``d`` [R, T] → [R, K] (zero without one); ``c``
+        the covariates (as in :meth:`predict`) where the shift depends on the level."""
         return torch.zeros(d.shape[0], self.n_latent, device=d.device)
 
     def decode(self, z: torch.Tensor, d: torch.Tensor | None = None) -> torch.Tensor:

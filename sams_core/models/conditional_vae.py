@@ -25,19 +25,30 @@ class ConditionalVAE(PerturbationModel):
         K, H, L = self.n_latent, self.n_hidden, self.n_layers
         self.encoder = SplitInputMLP(n_genes, n_perturbations, H, 2 * K, L)
         self.decoder = SplitInputMLP(K, n_perturbations, H, n_genes, L)
+        # covariates (scVI style): the one-hot levels enter the first layer of encoder and decoder
+        self.encoder_cov = self.covariate_layer(H)
+        self.decoder_cov = self.covariate_layer(H)
 
-    def decode(self, z: torch.Tensor, d: torch.Tensor | None = None) -> torch.Tensor:
+    def _project_z(self, z: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
+        h = self.decoder.project_a(z)
+        return h if c is None or self.decoder_cov is None else h + self.decoder_cov(c)
+
+    def decode(self, z: torch.Tensor, d: torch.Tensor | None = None, c: torch.Tensor | None = None) -> torch.Tensor:
         if d is None:
             d = torch.zeros(*z.shape[:-1], self.n_perturbations, device=z.device)
-        return self.decoder(z, d)
+        return self.decoder.forward_from(self._project_z(z, c), d)
 
     def _encode(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        return mean_and_log_std(self.encoder(self.encoder_input(batch.x), batch.d))
+        c = self.covariates_of(batch)
+        h = self.encoder.project_a(self.encoder_input(batch.x))
+        if c is not None:
+            h = h + self.encoder_cov(c)
+        return mean_and_log_std(self.encoder.forward_from(h, batch.d))
 
     def loss(self, batch: Batch, n_particles: int = 5) -> LossOutput:
         mean, log_std = self._encode(batch)
         z = mean + torch.exp(log_std) * torch.randn(n_particles, *mean.shape, device=mean.device)
-        out = self.decoder.forward_from(self.decoder.project_a(z), batch.d)
+        out = self.decoder.forward_from(self._project_z(z, self.covariates_of(batch)), batch.d)
         log_px = self.likelihood.varying(batch.x, out, torch.log(batch.library)).mean(0) + self.likelihood.constant(batch.x)
         kl_z = kl_normal_std_normal(mean, log_std).sum(-1)
         elbo = log_px - kl_z
@@ -49,15 +60,17 @@ class ConditionalVAE(PerturbationModel):
         S = self.n_prior_draws(globals_)
         eps = torch.randn(S, *mean.shape, device=mean.device)
         z = mean + torch.exp(log_std) * eps
-        out = self.decode(z, batch.d.expand(S, *batch.d.shape))
+        out = self.decode(z, batch.d.expand(S, *batch.d.shape), self.covariates_of(batch))
         log_px = self.likelihood.log_prob(batch.x, out, torch.log(batch.library))
         log_qz = reparam_normal_log_prob(eps, log_std).sum(-1)
         return log_px + std_normal_log_prob(z).sum(-1) - log_qz
 
-    def predict(self, d: torch.Tensor, globals_: dict[str, torch.Tensor], n_per_global: int = 1) -> torch.Tensor:
+    def predict(
+        self, d: torch.Tensor, globals_: dict[str, torch.Tensor], n_per_global: int = 1, c: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         S = n_per_global * self.n_prior_draws(globals_)
         z = torch.randn(S, d.shape[0], self.n_latent, device=d.device)
-        return self.decode(z, d.expand(S, *d.shape))
+        return self.decode(z, d.expand(S, *d.shape), self.prediction_covariates(c, d.shape[0]))
 
     def latent(self, batch: Batch) -> dict[str, torch.Tensor]:
         mean, _ = self._encode(batch)

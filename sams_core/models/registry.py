@@ -368,10 +368,16 @@ _GUIDE = Option(
     choices=("mean-field", "correlated"),
 )
 
+_COVARIATE_SHIFT = Option(
+    "covariate_shift", bool, False, "option beyond the paper: each perturbation's shift also gets an offset per level "
+    "of the primary covariate (e.g. the same label activating a gene in one cell line and knocking it down in "
+    "another); needs covariates", label="covariate-specific shifts",
+)
+
 _builtin(
     "sams_vae", "SAMS-VAE", "sams_vae:SAMSVAE",
     "Sparse additive mechanism shifts: each perturbation moves a few latent units, a combination the sum of its members' shifts.",
-    has_masks=True, composes_unseen_combinations=True, label_options=("guide", "global_weight"), options=(
+    has_masks=True, composes_unseen_combinations=True, label_options=("guide", "global_weight", "covariate_shift"), options=(
         _GUIDE,
         Option("mask_prior", float, 0.01, "prior probability α that a perturbation acts on a latent unit",
                low=0.0, high=1.0, low_open=True, high_open=True),
@@ -386,12 +392,13 @@ _builtin(
         Option("global_weight", float, 1.0, "weight of the mask and embedding prior terms in the final objective: "
                "1 = the paper's ELBO (the SAMS-VAE posterior); any other value trains a tempered posterior",
                low=0.0, label="tempered ×{:g}"),
+        _COVARIATE_SHIFT,
     ),
 )
 _builtin(
     "cpa_vae", "CPA-VAE", "cpa_vae:CPAVAE",
     "SAMS-VAE without masks: every perturbation shifts every latent unit; combinations add.",
-    has_masks=False, composes_unseen_combinations=True, options=(_GUIDE,),
+    has_masks=False, composes_unseen_combinations=True, options=(_GUIDE, _COVARIATE_SHIFT), label_options=("covariate_shift",),
 )
 _builtin(
     "conditional_vae", "Conditional VAE", "conditional_vae:ConditionalVAE",

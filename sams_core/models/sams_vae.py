@@ -35,6 +35,7 @@ from sams_core.models.base import (
     SplitInputMLP,
     check_align_at,
     mlp,
+    mlp_forward,
 )
 from sams_core.models.distributions import (
     kl_normal_std_normal,
@@ -68,6 +69,8 @@ class SAMSVAE(PerturbationModel):
         # ELBO), before the alignment, and for ``sparsify_for`` × the budget after it
         global_weight: float = 1.0, warmup_global_weight: float = 1.0,
         sparsify_weight: float = 15.0, sparsify_for: float = 0.4,
+        # a per-(perturbation, level of the primary covariate) offset on the embedding (option)
+        covariate_shift: bool = False,
         align_at: float | None = 0.25, align_mask_logit: float = 0.0,  # when to align, masks restart at
         **common: Any,
     ):
@@ -83,6 +86,13 @@ class SAMSVAE(PerturbationModel):
             sparsify_weight=sparsify_weight, sparsify_for=sparsify_for,
             **common,
         )
+        if covariate_shift:
+            self.hparams["covariate_shift"] = True
+            if not self.covariate_sizes:
+                raise SamsError(
+                    "covariate_shift lets a perturbation's shift depend on the covariate level, but this model has no "
+                    "covariates. Read the screen with a covariate (covariate_keys=['cell_type']) or leave covariate_shift off."
+                )
         check_align_at(align_at)
         if not 0.0 <= sparsify_for < 1.0:
             raise SamsError(f"sparsify_for must be a fraction of the training budget in [0, 1), got {sparsify_for!r}.")
@@ -120,6 +130,13 @@ class SAMSVAE(PerturbationModel):
         else:
             # q(e_t | m_t) = N(f(m_t, onehot t)): first layer split as W_m m_t + (row t of W_t)
             self.e_net = SplitInputMLP(T, K, embed_hidden, 2 * K, embed_layers)
+        # covariates (scVI style): the one-hot levels enter the first layer of encoder and decoder
+        self.encoder_cov = self.covariate_layer(n_hidden)
+        self.decoder_cov = self.covariate_layer(n_hidden)
+        if covariate_shift:
+            # δ_{t,l}: z = z_b + Σ_t d_t m_t ⊙ (e_t + δ_{t,l}) for a cell of level l of the primary
+            # covariate; a point estimate with prior N(0, s² I), charged like the global terms
+            self.shift_offset = nn.Parameter(torch.zeros(T, self.covariate_sizes[0], K))
 
     # ---- globals ---------------------------------------------------------------------
     def _embedding_params(self, m: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -195,9 +212,15 @@ class SAMSVAE(PerturbationModel):
         mean, _ = self._embedding_params(m)
         return (m * mean).mean(0)
 
-    def latent_shift(self, d: torch.Tensor) -> torch.Tensor:
-        """Expected latent shift E_q[Σ_t d_t m_t e_t] of dosage rows ``d`` [R, T]."""
-        return d @ self.expected_shift_table()
+    def latent_shift(self, d: torch.Tensor, c: torch.Tensor | None = None) -> torch.Tensor:
+        """Expected latent shift E_q[Σ_t d_t m_t e_t] of dosage rows ``d`` [R, T] (with
+        ``covariate_shift``, plus E[m_t] ⊙ δ_{t,l} at the covariates ``c``; pooled when None)."""
+        shift = d @ self.expected_shift_table()
+        if hasattr(self, "shift_offset"):
+            c = self.prediction_covariates(c, d.shape[0])
+            p = torch.sigmoid(self.mask_logits) if self.use_masks else None
+            shift = shift + self._level_shift(d, c, p)
+        return shift
 
     # ---- identifiability of the latent basis ------------------------------------------
     @torch.no_grad()
@@ -214,12 +237,14 @@ class SAMSVAE(PerturbationModel):
         R = rotation.to(self.input_mean.device, torch.float32)
         if R.shape != (K, K) or not torch.allclose(R.T @ R, torch.eye(K, device=R.device), atol=1e-4):
             raise ValueError(f"rotation must be an orthogonal {K} x {K} matrix")
-        table = self.latent_shift(torch.eye(self.n_perturbations, device=R.device))  # [T, K]
+        table = torch.eye(self.n_perturbations, device=R.device) @ self.expected_shift_table()  # [T, K], shared part
         rotate_input(self.decoder[0], R)
         rotate_mean_head(self.encoder[-1], R)
         A = self.encoder_shift.weight  # [2K, K]: mean rows map shift → mean, then log-std rows
         A[:K] = R.T @ A[:K] @ R
         A[K:] = A[K:] @ R
+        if hasattr(self, "shift_offset"):
+            self.shift_offset.copy_(self.shift_offset @ R)
         if self.guide == "mean-field":
             self.e_mean.copy_(table @ R)
             self.e_log_std.fill_(-2.0)
@@ -291,30 +316,61 @@ class SAMSVAE(PerturbationModel):
         rotation.
         """
 
-        table = self.latent_shift(torch.eye(self.n_perturbations, device=self.input_mean.device))
+        table = torch.eye(self.n_perturbations, device=self.input_mean.device) @ self.expected_shift_table()
         R = sparsest_rotation(table.detach().cpu())
         self.rotate_units(R, mask_logit)
         return R
 
     # ---- local -----------------------------------------------------------------------
-    def decode(self, z: torch.Tensor, d: torch.Tensor | None = None) -> torch.Tensor:
-        return self.decoder(z)
+    def decode(self, z: torch.Tensor, d: torch.Tensor | None = None, c: torch.Tensor | None = None) -> torch.Tensor:
+        return mlp_forward(self.decoder, z, None if c is None or self.decoder_cov is None else self.decoder_cov(c))
 
-    def _encode(self, x: torch.Tensor, shift: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean and log-std of q(z_b | x, shift); ``shift`` may carry particle dimensions."""
-        return mean_and_log_std(self.encoder(self.encoder_input(x)) + self.encoder_shift(shift))
+    def _encode(self, x: torch.Tensor, shift: torch.Tensor, c: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and log-std of q(z_b | x, c, shift); ``shift`` may carry particle dimensions."""
+        extra = None if c is None or self.encoder_cov is None else self.encoder_cov(c)
+        return mean_and_log_std(mlp_forward(self.encoder, self.encoder_input(x), extra) + self.encoder_shift(shift))
+
+    def _level_shift(self, d: torch.Tensor, c: torch.Tensor | None, m: torch.Tensor | None) -> torch.Tensor | None:
+        """Σ_t d_t m_t ⊙ δ_{t,l} for each row's level l (``covariate_shift``; None without it).
+        ``c`` one-hot (or level shares) [R, Σ levels]; ``m`` masks [P, T, K] (None: no masks)."""
+        if not hasattr(self, "shift_offset") or c is None:
+            return None
+        out = None
+        for lvl in range(self.covariate_sizes[0]):
+            offset = self.shift_offset[:, lvl]  # [T, K]
+            if m is not None:
+                offset = m * offset
+            part = torch.matmul(d * c[:, lvl : lvl + 1], offset)
+            out = part if out is None else out + part
+        return out
+
+    def _offset_log_prior(self, d: torch.Tensor) -> torch.Tensor | None:
+        """log N(δ_t; 0, s² I) per cell, charged as the global terms are (1/N_t); None without δ."""
+        if not hasattr(self, "shift_offset"):
+            return None
+        lp = normal_log_prob(
+            self.shift_offset, torch.zeros((), device=d.device), torch.full((), self.log_s, device=d.device)
+        ).sum((-1, -2))  # [T]
+        return self.global_weights(d) @ lp
 
     def loss(self, batch: Batch, n_particles: int = 5) -> LossOutput:
         P = n_particles
-        table, log_ratio, _ = self._globals_with_log_ratio(P)  # [P,T,K], [P,T]
+        c = self.covariates_of(batch)
+        table, log_ratio, m = self._globals_with_log_ratio(P)  # [P,T,K], [P,T]
         shift = torch.matmul(batch.d, table)  # [P,B,K]
-        mean, log_std = self._encode(batch.x, shift)
+        level = self._level_shift(batch.d, c, m if self.use_masks else None)
+        if level is not None:
+            shift = shift + level
+        mean, log_std = self._encode(batch.x, shift, c)
         z_b = mean + torch.exp(log_std) * torch.randn_like(mean)
-        out = self.decoder(z_b + shift)  # [P,B,G]
+        out = self.decode(z_b + shift, None, c)  # [P,B,G]
         log_lib = torch.log(batch.library)
         log_px = self.likelihood.varying(batch.x, out, log_lib).mean(0) + self.likelihood.constant(batch.x)
         kl_z = kl_normal_std_normal(mean, log_std).sum(-1).mean(0)  # [B]
         glob = (log_ratio @ self.global_weights(batch.d).t()).mean(0)  # [B]
+        offset_prior = self._offset_log_prior(batch.d)
+        if offset_prior is not None:
+            glob = glob + offset_prior
         elbo = log_px - kl_z + glob  # the paper's ELBO, whatever the schedule's weight
         objective = elbo + (self.current_global_weight - 1.0) * glob
         return LossOutput(
@@ -328,26 +384,37 @@ class SAMSVAE(PerturbationModel):
         )
 
     def log_weights(self, batch: Batch, globals_: dict[str, torch.Tensor]) -> torch.Tensor:
+        c = self.covariates_of(batch)
         table = globals_["shift_table"]  # [S,T,K]
         shift = torch.matmul(batch.d, table)  # [S,B,K]
-        mean, log_std = self._encode(batch.x, shift)
+        level = self._level_shift(batch.d, c, globals_["masks"] if self.use_masks else None)
+        if level is not None:
+            shift = shift + level
+        mean, log_std = self._encode(batch.x, shift, c)
         eps = torch.randn_like(mean)
         z_b = mean + torch.exp(log_std) * eps
-        out = self.decoder(z_b + shift)
+        out = self.decode(z_b + shift, None, c)
         log_px = self.likelihood.log_prob(batch.x, out, torch.log(batch.library))
         log_pz = std_normal_log_prob(z_b).sum(-1)
         log_qz = reparam_normal_log_prob(eps, log_std).sum(-1)
         return log_px + log_pz - log_qz
 
-    def predict(self, d: torch.Tensor, globals_: dict[str, torch.Tensor], n_per_global: int = 1) -> torch.Tensor:
+    def predict(
+        self, d: torch.Tensor, globals_: dict[str, torch.Tensor], n_per_global: int = 1, c: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         table = globals_["shift_table"]  # [S,T,K]
         shift = torch.matmul(d, table)  # [S,R,K]
+        c = self.prediction_covariates(c, d.shape[0])
+        level = self._level_shift(d, c, globals_["masks"] if self.use_masks else None)
+        if level is not None:
+            shift = shift + level
         if n_per_global > 1:
             shift = shift.repeat_interleave(n_per_global, dim=0)
         z = torch.randn_like(shift) + shift
-        return self.decoder(z)
+        return self.decode(z, None, c)
 
     def latent(self, batch: Batch) -> dict[str, torch.Tensor]:
-        shift = self.latent_shift(batch.d)
-        mean, _ = self._encode(batch.x, shift)
+        c = self.covariates_of(batch)
+        shift = self.latent_shift(batch.d, c)
+        mean, _ = self._encode(batch.x, shift, c)
         return {"basal": mean, "full": mean + shift}

@@ -31,6 +31,7 @@ from sams_core.models.base import (
     ScreenCells,
     check_align_at,
     mlp,
+    mlp_forward,
 )
 from sams_core.models.distributions import (
     kl_normal_std_normal,
@@ -79,6 +80,9 @@ class SVAEPlus(PerturbationModel):
         # dosage row of each condition, to map rows → conditions; filled from the data
         self.register_buffer("cond_dosages", torch.zeros(n_conditions, n_perturbations))
         self.register_buffer("cond_counts", torch.ones(n_conditions))
+        # covariates (scVI style): the one-hot levels enter the first layer of encoder and decoder
+        self.encoder_cov = self.covariate_layer(self.n_hidden)
+        self.decoder_cov = self.covariate_layer(self.n_hidden)
 
     @torch.no_grad()
     def set_conditions(self, cond_dosages: torch.Tensor, cond_counts: torch.Tensor) -> None:
@@ -153,7 +157,7 @@ class SVAEPlus(PerturbationModel):
         log_1m_pi = F.logsigmoid(-self.pi_logits)
         return ((self.beta - 1.0) * log_1m_pi).sum(-1) + self.n_latent * math.log(self.beta)
 
-    def latent_shift(self, d: torch.Tensor) -> torch.Tensor:
+    def latent_shift(self, d: torch.Tensor, c: torch.Tensor | None = None) -> torch.Tensor:
         idx = self.condition_index(d)
         table = (torch.sigmoid(self.pi_logits) * self.shift).unsqueeze(0)
         return self._prior_mean(idx, table)[0]
@@ -209,19 +213,21 @@ class SVAEPlus(PerturbationModel):
         return R
 
     # ---- local -----------------------------------------------------------------------
-    def decode(self, z: torch.Tensor, d: torch.Tensor | None = None) -> torch.Tensor:
-        return self.decoder(z)
+    def decode(self, z: torch.Tensor, d: torch.Tensor | None = None, c: torch.Tensor | None = None) -> torch.Tensor:
+        return mlp_forward(self.decoder, z, None if c is None or self.decoder_cov is None else self.decoder_cov(c))
 
-    def _encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return mean_and_log_std(self.encoder(self.encoder_input(x)))
+    def _encode(self, x: torch.Tensor, c: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        extra = None if c is None or self.encoder_cov is None else self.encoder_cov(c)
+        return mean_and_log_std(mlp_forward(self.encoder, self.encoder_input(x), extra))
 
     def loss(self, batch: Batch, n_particles: int = 5) -> LossOutput:
         P = n_particles
-        mean, log_std = self._encode(batch.x)
+        c = self.covariates_of(batch)
+        mean, log_std = self._encode(batch.x, c)
         table = self._masks(P) * self.shift  # [P,A,K]
         prior_mean = self._prior_mean(batch.cond, table)  # [P,B,K]
         z = mean + torch.exp(log_std) * torch.randn(P, *mean.shape, device=mean.device)
-        out = self.decoder(z)
+        out = self.decode(z, None, c)
         log_px = self.likelihood.varying(batch.x, out, torch.log(batch.library)).mean(0) + self.likelihood.constant(batch.x)
         kl_z = kl_normal_std_normal(mean, log_std, prior_mean).sum(-1).mean(0)
         has = batch.cond >= 0
@@ -237,26 +243,29 @@ class SVAEPlus(PerturbationModel):
     def log_weights(self, batch: Batch, globals_: dict[str, torch.Tensor]) -> torch.Tensor:
         table = globals_["shift_table"]
         S = table.shape[0]
-        mean, log_std = self._encode(batch.x)
+        c = self.covariates_of(batch)
+        mean, log_std = self._encode(batch.x, c)
         eps = torch.randn(S, *mean.shape, device=mean.device)
         z = mean + torch.exp(log_std) * eps
-        out = self.decoder(z)
+        out = self.decode(z, None, c)
         log_px = self.likelihood.log_prob(batch.x, out, torch.log(batch.library))
         prior_mean = self._prior_mean(batch.cond, table)
         log_pz = std_normal_log_prob(z - prior_mean).sum(-1)
         log_qz = reparam_normal_log_prob(eps, log_std).sum(-1)
         return log_px + log_pz - log_qz
 
-    def predict(self, d: torch.Tensor, globals_: dict[str, torch.Tensor], n_per_global: int = 1) -> torch.Tensor:
+    def predict(
+        self, d: torch.Tensor, globals_: dict[str, torch.Tensor], n_per_global: int = 1, c: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         idx = self.condition_index(d)
         table = globals_["shift_table"]
         prior_mean = self._prior_mean(idx, table)  # [S,R,K]
         if n_per_global > 1:
             prior_mean = prior_mean.repeat_interleave(n_per_global, dim=0)
-        return self.decoder(prior_mean + torch.randn_like(prior_mean))
+        return self.decode(prior_mean + torch.randn_like(prior_mean), None, self.prediction_covariates(c, d.shape[0]))
 
     def latent(self, batch: Batch) -> dict[str, torch.Tensor]:
-        mean, _ = self._encode(batch.x)
+        mean, _ = self._encode(batch.x, self.covariates_of(batch))
         table = (torch.sigmoid(self.pi_logits) * self.shift).unsqueeze(0)
         shift = self._prior_mean(batch.cond, table)[0]
         return {"basal": mean - shift, "full": mean}

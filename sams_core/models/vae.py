@@ -30,11 +30,15 @@ class VAE(ConditionalVAE):
     def _strip(self, d: torch.Tensor) -> torch.Tensor:
         return d[..., :0]
 
-    def decode(self, z: torch.Tensor, d: torch.Tensor | None = None) -> torch.Tensor:
-        return self.decoder(z)
+    def decode(self, z: torch.Tensor, d: torch.Tensor | None = None, c: torch.Tensor | None = None) -> torch.Tensor:
+        return self.decoder.forward_from(self._project_z(z, c))
 
     def _encode(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        return mean_and_log_std(self.encoder(self.encoder_input(batch.x)))
+        c = self.covariates_of(batch)
+        h = self.encoder.project_a(self.encoder_input(batch.x))
+        if c is not None:
+            h = h + self.encoder_cov(c)
+        return mean_and_log_std(self.encoder.forward_from(h))
 
     def loss(self, batch: Batch, n_particles: int = 5):
-        return super().loss(Batch(batch.x, self._strip(batch.d), batch.library, batch.cond), n_particles)
+        return super().loss(Batch(batch.x, self._strip(batch.d), batch.library, batch.cond, batch.c), n_particles)

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from sams_core.data.batches import input_statistics
+from sams_core.data.batches import covariate_matrix, input_statistics
 from sams_core.data.screen import PerturbationData
 from sams_core.data.splits import TRAIN
 from sams_core.errors import SamsError
@@ -25,7 +25,9 @@ def build_for_data(family: str, data: PerturbationData, split: np.ndarray, **hpa
     """A model of ``family`` sized for ``data``, with encoder statistics from the training cells.
 
     Raises :class:`SamsError` for an unknown family, an option out of range, a likelihood the
-    family or the data cannot take, or a split without training cells.
+    family or the data cannot take, or a split without training cells. A screen with covariates
+    (``data.covariates``) gives a model that conditions on them (``covariate_sizes``); train on
+    ``data.without_covariates()`` for one that does not.
     """
     spec = registry.get(family)
     caps = spec.capabilities
@@ -47,10 +49,15 @@ def build_for_data(family: str, data: PerturbationData, split: np.ndarray, **hpa
         )
     cls = registry.model_class(family)
     hp.update(cls.data_hparams(data, train_idx))
+    sizes = list(getattr(data, "covariate_sizes", []))
+    if sizes:
+        hp.setdefault("covariate_sizes", sizes)
     model = cls(n_genes=data.n_genes, n_perturbations=data.n_perturbations, **hp)
     mean, std = input_statistics(data, train_idx)
     counts = (data.dosages[train_idx] != 0).sum(0).astype(np.float32)
     model.set_data_stats(torch.as_tensor(mean), torch.as_tensor(std), torch.as_tensor(counts))
+    if sizes:
+        model.set_covariate_stats(torch.as_tensor(covariate_matrix(data, train_idx).mean(0)))
     model.prepare_for_data(data, train_idx)
     return model
 

@@ -53,6 +53,7 @@ from sams_core.data.batches import (
     DeviceData,
     _is_backed,
     condition_ids,
+    covariate_matrix,
     default_device,
 )
 from sams_core.data.screen import PerturbationData
@@ -251,7 +252,7 @@ def _sources(model: PerturbationModel, data: PerturbationData, split: np.ndarray
         if chunked:
             return ChunkedSource(
                 data.X, idx, data.dosages, data.library, cond, device, cfg.chunk_size, cfg.chunks_per_buffer,
-                storage=cfg.data_dtype,
+                storage=cfg.data_dtype, covariates=covariate_matrix(data),
             )
         return DeviceData(data, idx, device, cond, storage=cfg.data_dtype)
 
@@ -483,7 +484,7 @@ class TrainStep:
         self._mode = mode
         self._static = True
         if self._in_graph_gather:  # the data is read in place by the captured graph, not copied
-            self._mark_static([t for t in (self.source.x, self.source.d, self.source.library, self.source.cond)])
+            self._mark_static([t for t in (self.source.x, self.source.d, self.source.library, self.source.cond, self.source.c)])
         self._mark_static([self.loss_sum])
 
     def _mark_static(self, tensors: Any) -> None:
