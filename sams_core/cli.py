@@ -140,6 +140,8 @@ def _read_data(args: argparse.Namespace):
         "separators": tuple(args.separator or ["+"]),
         "control_labels": args.control_label,
         "n_top_genes": args.n_top_genes,
+        # covariates: detected (None), none (--no-covariates) or the columns named (--covariate)
+        "covariate_keys": [] if getattr(args, "no_covariates", False) else getattr(args, "covariate", None),
     }
     if getattr(args, "backed", False):
         from sams_core.data.backed import read_h5ad_backed
@@ -159,12 +161,15 @@ def _parser() -> argparse.ArgumentParser:
         epilog=_family_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _add_data_options(t)
+    t.add_argument("--covariate", action="append", default=None, metavar="COL", help="obs column of a covariate the model conditions on (cell type, batch ...; repeat for several, the first is the level of per-level effects); default: detected among cell_type, cell_line, batch, gem_group, donor, sample")
+    t.add_argument("--no-covariates", action="store_true", help="model no covariate, even where obs has cell_type, batch ...")
     t.add_argument("--model", default="sams_vae", choices=sorted(s.name for s in registry.families()), help="model family (default sams_vae; listed below)")
     t.add_argument("--likelihood", default=None, choices=registry.LIKELIHOODS, help="default: nb for counts, gaussian for log-normalised data")
     t.add_argument("--latent", type=int, default=15, help="number of latent units K (default 15)")
     t.add_argument("--hidden", type=int, default=350, help="width of the encoder/decoder hidden layers (default 350)")
     t.add_argument("--layers", type=int, default=1, help="hidden layers in encoder and decoder (default 1)")
-    t.add_argument("--split", default="heldout-combos", choices=SPLIT_KINDS, help="how to split cells (default heldout-combos)")
+    t.add_argument("--split", default="heldout-combos", choices=SPLIT_KINDS, help="how to split cells (default heldout-combos; heldout-covariate holds perturbations out in one level of the first covariate)")
+    t.add_argument("--split-level", default=None, metavar="LEVEL", help="with --split heldout-covariate: hold perturbations out at this level only (e.g. one cell line); default: pairs at any level")
     t.add_argument("--fraction", type=float, default=0.25, help="held-out fraction of combinations/perturbations, or trained fraction of combination cells for data-efficiency (default 0.25)")
     t.add_argument("--val-fraction", type=float, default=0.1, help="fraction of the remaining cells used for validation (default 0.1)")
     t.add_argument("--test-fraction", type=float, default=0.1, help="test fraction for the random split (default 0.1)")
@@ -251,7 +256,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
             seed=args.seed, device=device, precision=args.precision, compile=args.compile,
             chunk_size=args.chunk_size if args.backed else None,
         )
-        spec = SplitSpec(args.split, args.fraction, args.val_fraction, args.test_fraction, args.seed)
+        spec = SplitSpec(args.split, args.fraction, args.val_fraction, args.test_fraction, args.seed, args.split_level)
         # only rank 0 reports, evaluates and writes the bundle; every rank trains
         update, close = tqdm_progress(args.epochs if args.steps is None else 1, desc=args.model) if main else (None, lambda: None)
         try:
@@ -270,7 +275,16 @@ def _cmd_train(args: argparse.Namespace) -> int:
         print(f"note: {note}", file=sys.stderr)
     if ev is not None:
         print(ev.metrics.to_string(float_format=lambda v: f"{v:.4f}"))
+        _print_per_level(ev)
     return 0
+
+
+def _print_per_level(ev) -> None:
+    """The per-level metrics of a screen with covariates, and where a level had no controls."""
+    if not ev.per_level.empty:
+        print(ev.per_level.to_string(float_format=lambda v: f"{v:.4f}"))
+    for note in ev.notes:
+        print(f"note: {note}", file=sys.stderr)
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
@@ -282,6 +296,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     table = ev.metrics.copy()
     table.insert(0, "model", bundle.label)
     print(table.to_string(float_format=lambda v: f"{v:.4f}"))
+    _print_per_level(ev)
     if args.csv:
         table.to_csv(args.csv)
         print(f"wrote {args.csv}", file=sys.stderr)
