@@ -12,7 +12,7 @@ import logging
 import os
 import threading
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
@@ -206,17 +206,45 @@ class Context:
         return sorted({str(x) for x in self.data.labels})
 
 
-def run_bundles(data_src: tuple[str, bytes | None] | None = None) -> dict[str, tuple[str, None]]:
+def run_label(job: Any) -> str:
+    """How the sidebar names a finished run's model: run name, model (family and objective) and date."""
+    try:
+        model = model_label_of(_manifest(str(job.model_path)))
+    except SamsError:
+        model = job.spec.family
+    return f"run: {job.spec.name} · {model} · {job.created.replace('T', ' ')[:16]}"
+
+
+def model_label_of(manifest: dict[str, Any]) -> str:
+    """The model's name from its manifest, with a tempered objective said."""
+    from sams_core.io.manifest import model_label
+
+    return model_label(manifest)
+
+
+def run_bundles(data_src: tuple[str, bytes | None] | None = None, settings: DataSettings | None = None) -> dict[str, tuple[str, None]]:
     """Bundles trained by finished jobs (the Train page) on the screen ``data_src`` (all screens
-    when None), newest first, labelled with the run's name and date."""
-    if data_src is None:
-        want = None
-    else:
-        want = str(jobs_data_path(data_src, write=False))
+    when None), newest first, labelled with the run's name, model and date. A run matches when its
+    screen file has the same content (hash) and, with ``settings``, was read with the same
+    perturbation column and separators."""
+    want = None if data_src is None else screen_hash(data_src)
     out: dict[str, tuple[str, None]] = {}
     for job in list_jobs(RUNS_DIR):
-        if job.state == "done" and job.model_path.is_file() and (want is None or job.spec.data == want):
-            out[f"run: {job.spec.name} · {job.created.replace('T', ' ')}"] = (str(job.model_path), None)
+        if job.state != "done" or not job.model_path.is_file():
+            continue
+        if want is not None:
+            try:
+                if file_hash(job.spec.data) != want:
+                    continue
+            except OSError:
+                continue
+        if settings is not None:
+            ds = job.spec.data_settings or {}
+            if ds.get("perturbation_key") not in (None, settings.perturbation_key):
+                continue
+            if list(ds.get("separators") or ["+"]) != list(settings.separators):
+                continue
+        out[run_label(job)] = (str(job.model_path), None)
     return out
 
 
@@ -243,6 +271,229 @@ def _sha(b: bytes) -> str:
     return hashlib.sha256(b).hexdigest()[:12]
 
 
+# ---------------------------------------------------------------------------------------------
+# the screen's data settings (sidebar "Data settings") and its content hash
+#: obs columns offered first as covariates (DESIGN §4); others with few levels are offered too.
+COVARIATE_NAMES = ("cell_type", "cell_line", "batch", "gem_group", "donor", "sample")
+#: obs columns the reader writes itself: never offered as a covariate.
+NOT_COVARIATES = ("perturbation", "raw_perturbation")
+SEPARATOR_CHOICES = ("+", "_", "|", ";")
+LIKELIHOOD_CHOICES = ("auto", "nb", "gaussian")
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    """How the screen is read: perturbation column, combination separator, control labels,
+    likelihood ("auto": negative binomial for counts, Gaussian otherwise) and covariates."""
+
+    perturbation_key: str
+    separators: tuple[str, ...] = ("+",)
+    control_labels: tuple[str, ...] = ()
+    likelihood: str = "auto"
+    covariates: tuple[str, ...] = ()
+    #: True when every value is the one detected (the screen's cached summary applies)
+    detected: bool = field(default=False, compare=False)
+
+    def read_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of ``sams_core.data.screen.read_h5ad`` / ``from_anndata``."""
+        kw: dict[str, Any] = {"perturbation_key": self.perturbation_key, "separators": list(self.separators)}
+        if self.control_labels:
+            kw["control_labels"] = list(self.control_labels)
+        if self.covariates:
+            kw["covariate_keys"] = list(self.covariates)
+        return kw
+
+    def cli_flags(self) -> str:
+        """The same settings as ``python -m sams_core train`` flags."""
+        parts = [f"--perturbation-key {_shell(self.perturbation_key)}"]
+        parts += [f"--separator {_shell(x)}" for x in self.separators if self.separators != ("+",)]
+        parts += [f"--control-label {_shell(c)}" for c in self.control_labels]
+        if self.likelihood != "auto":
+            parts.append(f"--likelihood {self.likelihood}")
+        parts += [f"--covariate {_shell(c)}" for c in self.covariates]
+        return " ".join(parts)
+
+    @property
+    def key(self) -> str:
+        """A short hash of the settings (part of the screen's identity)."""
+        return hashlib.sha256(repr(self).encode()).hexdigest()[:8]
+
+
+def _shell(x: str) -> str:
+    import shlex
+
+    return shlex.quote(str(x))
+
+
+_FILE_HASHES: dict[tuple[str, int, int], str] = {}
+
+
+def file_hash(path: str | Path) -> str:
+    """Content hash (SHA-256, 16 hex digits) of a file, remembered while it is unchanged."""
+    p = Path(path).resolve()
+    st_ = p.stat()
+    key = (str(p), st_.st_size, st_.st_mtime_ns)
+    if key not in _FILE_HASHES:
+        h = hashlib.sha256()
+        with open(p, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                h.update(block)
+        _FILE_HASHES[key] = h.hexdigest()[:16]
+    return _FILE_HASHES[key]
+
+
+def screen_hash(data_src: tuple[str, bytes | None]) -> str:
+    """Content hash of the screen's file (path or upload)."""
+    source, content = data_src
+    if content is not None:
+        return hashlib.sha256(content).hexdigest()[:16]
+    return file_hash(source)
+
+
+@st.cache_data(show_spinner="Reading the screen's labels…", max_entries=50)
+def _obs(source: str, stamp: str, content: bytes | None = None) -> pd.DataFrame:
+    """The screen's ``obs`` table (the matrix stays on disk for a path)."""
+    import anndata
+
+    if content is not None:
+        return _adata(source, content).obs.copy()
+    p = Path(source)
+    if not p.is_file():
+        raise SamsError(f"No data file at {source}. Give the path of an .h5ad file.")
+    try:
+        a = anndata.read_h5ad(p, backed="r")
+    except Exception as e:  # noqa: BLE001
+        raise SamsError(f"Could not read {p.name} as an .h5ad file ({type(e).__name__}: {e}).") from e
+    try:
+        return a.obs.copy()
+    finally:
+        a.file.close()
+
+
+def screen_obs(data_src: tuple[str, bytes | None]) -> pd.DataFrame:
+    """The screen's ``obs`` (cached while the file is unchanged)."""
+    source, content = data_src
+    stamp = ""
+    if content is None and Path(source).is_file():
+        st_ = Path(source).stat()
+        stamp = f"{st_.st_size}:{st_.st_mtime_ns}"
+    return _obs(source, stamp, content)
+
+
+def detected_settings(obs: pd.DataFrame) -> tuple[list[str], str | None]:
+    """(columns that can hold perturbations, the one the data contract detects or None)."""
+    from sams_core.data.contract import PERTURBATION_KEYS
+
+    cols = [str(c) for c in obs.columns if str(c) not in ("raw_perturbation",)
+            and (obs[c].dtype == object or str(obs[c].dtype) in ("category", "string"))]
+    found = next((k for k in PERTURBATION_KEYS if k in cols), None)
+    return ([k for k in PERTURBATION_KEYS if k in cols] + [c for c in cols if c not in PERTURBATION_KEYS]), found
+
+
+def covariate_candidates(obs: pd.DataFrame, perturbation_key: str) -> list[str]:
+    """obs columns that can be covariates: categorical-like (2 to 200 levels), not the perturbation
+    column nor the reader's own columns."""
+    out = []
+    for c in obs.columns:
+        c = str(c)
+        if c == perturbation_key or c in NOT_COVARIATES:
+            continue
+        if obs[c].dtype.kind in "fc" and c not in COVARIATE_NAMES:
+            continue
+        if 2 <= obs[c].nunique() <= 200:
+            out.append(c)
+    return sorted(out, key=lambda c: (c not in COVARIATE_NAMES, c))
+
+
+def data_settings_widgets(data_src: tuple[str, bytes | None]) -> DataSettings | None:
+    """The sidebar's "Data settings": detected values, each editable, with the CLI flags shown.
+    None after a message when the screen cannot be read."""
+    from sams_core.labels import CONTROL_LABELS
+
+    obs = guarded(lambda: screen_obs(data_src))
+    if obs is None:
+        return None
+    cols, found = detected_settings(obs)
+    if not cols:
+        st.sidebar.error("The screen's obs has no text column to read perturbations from. Add one (e.g. 'condition').")
+        return None
+    with st.sidebar.expander("Data settings", expanded=found is None):
+        key = widget(st.selectbox, "Perturbation column", "ds_key", found or cols[0], cols,
+                     help="obs column with each cell's perturbation; combinations join members with the separator. "
+                          "Command line: --perturbation-key")
+        seps = widget(st.multiselect, "Combination separator", "ds_sep", ["+"], list(SEPARATOR_CHOICES),
+                      help="what joins the members of a combination, e.g. KLF1+GATA1. Command line: --separator")
+        values = sorted(map(str, pd_unique(obs[key])))[:500]
+        detected = [v for v in values if v.lower() in CONTROL_LABELS]
+        controls = widget(st.multiselect, "Control labels", "ds_ctrl", detected, values,
+                          help="labels of control cells (no perturbation). Command line: --control-label")
+        lik = widget(st.selectbox, "Likelihood", "ds_lik", "auto", list(LIKELIHOOD_CHOICES),
+                     format_func=lambda x: {"auto": "auto (negative binomial for counts, else Gaussian)",
+                                            "nb": "negative binomial (counts)", "gaussian": "Gaussian (log-normalised)"}[x],
+                     help="the models' likelihood for expression. Command line: --likelihood")
+        cands = covariate_candidates(obs, key)
+        covs = widget(st.multiselect, "Covariates", "ds_cov", [c for c in cands if c in COVARIATE_NAMES], cands,
+                      help="obs columns such as cell type or batch that the models condition on. Command line: --covariate")
+        default_covs = [c for c in cands if c in COVARIATE_NAMES]
+        settings = DataSettings(key, tuple(seps) or ("+",), tuple(controls), lik, tuple(covs),
+                                detected=(key == found and list(seps) == ["+"] and list(controls) == detected
+                                          and lik == "auto" and list(covs) == default_covs))
+        st.caption("Command line:")
+        st.code(settings.cli_flags(), language="bash", wrap_lines=True)
+    return settings
+
+
+def pd_unique(col: Any) -> list[Any]:
+    """Distinct values of a column in order of appearance."""
+    import pandas as pd
+
+    return list(pd.unique(col.astype(str)))
+
+
+@st.cache_resource(show_spinner="Reading the screen with its data settings…", max_entries=8)
+def _screen_data(source: str, settings: DataSettings, content: bytes | None = None):
+    from sams_core.data.screen import from_anndata
+
+    return from_anndata(_adata(source, content), **settings.read_kwargs())
+
+
+def screen_counts(sel: Selection):
+    """Cells, genes, perturbations, combinations and controls of the screen as the data settings
+    read it (the cached summary when the settings are the detected ones); None after a message."""
+    from sams_core.data.summary import summarize
+
+    if sel.data_src is None:
+        return None
+    if sel.settings is None or (sel.settings.detected and sel.data_src[1] is None):
+        return guarded(lambda: data_summary(*sel.data_src))
+    data = screen_data(sel)
+    return None if data is None else summarize(data, "sams_truth" in _adata(*sel.data_src).uns)
+
+
+def condition_table(obs: pd.DataFrame, settings: DataSettings) -> pd.DataFrame:
+    """One row per condition of the screen as ``settings`` read it: label as written, members,
+    number of members and cells (controls first, then by cells)."""
+    import pandas as pd
+
+    from sams_core.labels import control_words, split_label
+
+    ctrl = control_words(settings.control_labels or None)
+    counts = obs[settings.perturbation_key].astype(str).value_counts()
+    rows = []
+    for lab, n in counts.items():
+        members = split_label(lab, settings.separators, ctrl)
+        rows.append({"condition": lab, "members": " + ".join(members) or "control", "n_members": len(members), "cells": int(n)})
+    t = pd.DataFrame(rows, columns=["condition", "members", "n_members", "cells"])
+    return t.sort_values(["n_members", "cells"], ascending=[True, False]).reset_index(drop=True)
+
+
+def screen_data(sel: Selection):
+    """The screen read with the sidebar's data settings (no model needed); None after a message."""
+    if sel.data_src is None or sel.settings is None:
+        return None
+    return guarded(lambda: _screen_data(sel.data_src[0], sel.settings, sel.data_src[1]))
+
+
 @dataclass
 class Selection:
     """What the sidebar has chosen, before anything heavy is loaded.
@@ -257,6 +508,7 @@ class Selection:
     models: dict[str, tuple[str, bytes | None]]
     model_name: str | None
     problem: str | None = None
+    settings: DataSettings | None = None
 
     def manifest(self) -> dict[str, Any] | None:
         """The chosen bundle's manifest (no model built), or None after showing what went wrong."""
@@ -296,9 +548,9 @@ def selection() -> Selection:
     return sel if sel is not None else choose()
 
 
-def screen() -> Selection | None:
+def screen(sel: Selection | None = None) -> Selection | None:
     """The sidebar's screen (a model is not needed), or None after saying what is missing."""
-    sel = selection()
+    sel = sel or selection()
     if sel.data_src is None:
         st.info(sel.problem or "Choose a screen (.h5ad) in the sidebar to start.")
         return None
@@ -310,16 +562,44 @@ def page(title: str, needs_model: bool = True) -> Any:
     with ``needs_model=False`` the screen's :class:`Selection`. Stops the page, after saying what
     is missing, when there is none."""
     st.title(title)
-    found = sidebar() if needs_model else screen()
+    sel = selection()
+    found = sidebar(sel) if needs_model else screen(sel)
     if found is None:
         st.stop()
+    note = family_note(sel)
+    if note:
+        st.info(note, icon=":material/info:")
     return found
 
 
-def sidebar() -> Context | None:
+def capability_note(family: str, label: str) -> str | None:
+    """What a model family cannot do, said on every page (None when it composes combinations)."""
+    from sams_core.models import registry
+
+    try:
+        caps = registry.get(family).capabilities
+    except SamsError:
+        return None
+    if caps.composes_unseen_combinations:
+        return None
+    return (f"{label} learns one shift per label: each combination measured in training is a label of its own, "
+            "so it cannot compose a pair it never saw from its members. Its masks and in-distribution metrics "
+            "(held-out cells of measured conditions) are shown; Compose and pair ranking need a composing "
+            "model such as SAMS-VAE.")
+
+
+def family_note(sel: Selection) -> str | None:
+    """The chosen model's :func:`capability_note` (None without a model)."""
+    manifest = sel.manifest() if sel.model_name is not None else None
+    if not manifest:
+        return None
+    return capability_note(str(manifest.get("family", "")), model_label_of(manifest))
+
+
+def sidebar(sel: Selection | None = None) -> Context | None:
     """The loaded :class:`Context` of the sidebar's screen and model, or None after saying what is
     missing (no screen, or no model for it)."""
-    sel = selection()
+    sel = sel or selection()
     if sel.data_src is None:
         st.info(sel.problem or "Choose a screen (.h5ad) in the sidebar to start.")
         return None
@@ -360,15 +640,32 @@ def choose() -> Selection:
         for name, content in ss.get("upload_models", {}).items():
             models[f"upload: {name}"] = (f"upload:{name}:{_sha(content)}", content)
         label = ss["upload_data"][0] if "upload_data" in ss else "upload"
-    if data_src is not None:
-        models.update(run_bundles(data_src))
     if data_src is None:
         return Selection(source, None, label, models, None, "Choose a screen (.h5ad) in the sidebar to start.")
+    settings = data_settings_widgets(data_src)
+    if settings is None:
+        return Selection(source, None, label, models, None, "The screen could not be read: see the message above.")
+    models.update(run_bundles(data_src, settings))
     model_name = None
     if models:
         names = list(models)
-        model_name = widget(sb.selectbox, "Model", "model", names[0], names)
-    return Selection(source, data_src, label, models, model_name)
+        model_name = widget(sb.selectbox, "Model", "model", names[0], names,
+                            help="Models trained on this screen with these data settings (runs of the Train page, "
+                                 "the shipped demo's bundles, or bundles you gave): run name · model · date.")
+    return Selection(source, data_src, label, models, model_name, settings=settings)
+
+
+def check_same_screen(manifest: dict[str, Any], data: Any, model_name: str, screen_label: str) -> None:
+    """Refuse a model trained on another screen: the content hash the bundle recorded of its
+    training data against the same hash of this screen read with the bundle's settings (bundles
+    that record none are accepted)."""
+    recorded = (manifest.get("data") or {}).get("checksum")
+    if recorded and recorded != data.checksum():
+        raise SamsError(
+            f"{model_name} was trained on another screen (its data hash {recorded} differs from {data.checksum()} "
+            f"of {screen_label}). Choose a model trained on this screen, load the screen it was trained on, "
+            "or train a model on this screen on the Train page."
+        )
 
 
 def load(sel: Selection) -> Context | None:
@@ -378,7 +675,11 @@ def load(sel: Selection) -> Context | None:
     try:
         adata = _adata(*data_src)
         bundle = _bundle(*models[model_name])
-        data, split = _aligned(f"{model_name}:{bundle.checksum()}", data_src[0], bundle, adata)
+        try:
+            data, split = _aligned(f"{model_name}:{bundle.checksum()}", data_src[0], bundle, adata)
+        except SamsError as e:
+            raise SamsError(f"{model_name} was trained on another screen: {e}") from e
+        check_same_screen(bundle.manifest, data, model_name, label)
     except SamsError as e:
         st.error(str(e))
         return None
@@ -520,4 +821,6 @@ __all__ = [
     "Context", "Selection", "page", "sidebar", "screen", "jobs_data_path", "choose", "selection", "drawn_sidebar", "NO_MODEL", "load", "data_summary", "widget", "remember", "recalled", "predict", "observed", "unmeasured_pairs", "loadings",
     "enrichment", "embedding", "comparison", "chart", "figure_downloads", "table_download", "show_table", "guarded",
     "mask_truth", "run_bundles", "demo_bundles", "RUNS_DIR", "report_unexpected",
+    "DataSettings", "data_settings_widgets", "screen_data", "screen_obs", "screen_hash", "file_hash", "run_label",
+    "check_same_screen", "capability_note", "screen_counts", "condition_table", "family_note", "covariate_candidates", "detected_settings",
 ]

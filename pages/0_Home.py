@@ -25,9 +25,10 @@ if sel.data_src is None:
 
 
 def screen_counts(note: str | None = None) -> None:
-    """The screen's counts, read from the file (cached on disk): the home page never waits for
-    PyTorch. Pages that use the model load it and check that it fits the data."""
-    counts = S.guarded(lambda: S.data_summary(*sel.data_src))
+    """The screen's counts as the sidebar's data settings read it (cached on disk for the detected
+    settings): the home page never waits for PyTorch. Pages that use the model load it and check
+    that it fits the data."""
+    counts = S.screen_counts(sel)
     if counts is None:
         st.stop()
     if note:
@@ -42,10 +43,34 @@ def screen_counts(note: str | None = None) -> None:
         st.success("Simulated data: the answer key (`uns['sams_truth']`) is shown beside the model where it applies.")
 
 
+def data_settings() -> None:
+    """The data settings the screen is read with (edit them in the sidebar), its covariates and
+    conditions."""
+    ds = sel.settings
+    if ds is None:
+        return
+    obs = S.guarded(lambda: S.screen_obs(sel.data_src))
+    if obs is None:
+        return
+    covs = ", ".join(f"{c} ({obs[c].nunique()} levels)" for c in ds.covariates) or "none"
+    lik = {"auto": "auto (negative binomial for counts, Gaussian otherwise)"}.get(ds.likelihood, ds.likelihood)
+    st.markdown(
+        f"**Data settings** (edit in the sidebar) — perturbation column `{ds.perturbation_key}` · "
+        f"separator {' '.join(f'`{x}`' for x in ds.separators)} · control labels "
+        f"{', '.join(f'`{c}`' for c in ds.control_labels) or 'none found: choose them in the sidebar'} · "
+        f"likelihood {lik} · covariates {covs} · screen hash `{S.screen_hash(sel.data_src)}`"
+    )
+    st.code(f"python -m sams_core train --data {sel.data_label if sel.data_src[1] is None else 'SCREEN.h5ad'} "
+            f"{ds.cli_flags()} --out MODEL.sams", language="bash", wrap_lines=True)
+    with st.expander("Perturbations and combinations"):
+        S.show_table(S.condition_table(obs, ds), "conditions", "home_conditions", height=300)
+
+
 manifest = sel.manifest()
 if manifest is None:
     st.subheader(sel.data_label)
     screen_counts()
+    data_settings()
     if sel.model_name is None:
         st.info(S.NO_MODEL)
         st.page_link("pages/6_Train.py", label="Train a model on this screen", icon=":material/model_training:")
@@ -53,6 +78,8 @@ if manifest is None:
 
 label = model_label(manifest)
 st.subheader(f"{sel.data_label} · {label}")
+if note := S.family_note(sel):
+    st.info(note, icon=":material/info:")
 summary = st.container()  # filled last: what the bundle's manifest holds is drawn first
 left, right = st.columns([3, 2])
 training = manifest.get("training", {})
@@ -91,6 +118,7 @@ with summary:
                   f"{hp.get('n_latent', '?')} latent units · {hp.get('likelihood', '?')} likelihood · "
                   f"trained on {manifest.get('data', {}).get('n_cells', '?')} cells")
 
+data_settings()
 st.markdown(
     "**Pages** — *Masks*: which units each perturbation targets · *Latent space*: UMAP of cells · "
     "*Gene programs*: genes and gene sets of each unit · *Compose*: predict any combination · "

@@ -24,7 +24,7 @@ from sams_core.io.manifest import read_manifest
 from sams_core.models import registry
 
 sel = S.page("Train", needs_model=False)
-st.caption(f"Screen: {sel.data_label}")
+st.caption(f"Screen: {sel.data_label}" + (f" · data settings: `{sel.settings.cli_flags()}` (sidebar)" if sel.settings else ""))
 
 
 def option_widget(where: Any, family: str, opt: registry.Option) -> Any:
@@ -81,8 +81,12 @@ if in_process:
                "(they survive page changes, not a server restart).")
 if st.button("Start training", type="primary", key="train_start", disabled=refused):
     hp = {"n_latent": int(n_latent), "n_hidden": int(n_hidden), **options}
+    ds = sel.settings
+    if ds is not None and ds.likelihood != "auto":
+        hp["likelihood"] = ds.likelihood
     job_spec = jobs.JobSpec(
         name=name, data=str(S.jobs_data_path(sel.data_src)), family=family, hparams=hp,
+        data_settings=ds.read_kwargs() if ds is not None else {},
         split={"kind": split_kind, "fraction": float(fraction)}, config={"epochs": int(epochs), "batch_size": 256},
     )
     job = S.guarded(lambda: jobs.submit(S.RUNS_DIR, job_spec, in_process=in_process))
@@ -132,7 +136,7 @@ def job_list() -> None:
             elif job.state == "failed":
                 st.error(job.error or "The run failed; see its log.")
             elif job.state == "done":
-                st.success(f"Done: choose **run: {job.spec.name} · {job.created.replace('T', ' ')}** as the model in the sidebar.")
+                st.success(f"Done: choose **{S.run_label(job)}** as the model in the sidebar.")
             if recs:
                 training = _finished_training(job)
                 st.plotly_chart(plots.history_figure(recs, f"Training loss · {job.spec.name}", training.get("best_epoch")),

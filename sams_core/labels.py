@@ -27,10 +27,12 @@ from sams_core.errors import SamsError
 __all__ = [
     "CONTROL",
     "CONTROL_LABELS",
+    "MAX_DOSAGE",
     "SEPARATORS",
     "Combination",
     "as_dosages",
     "canonical_label",
+    "check_dosage",
     "combination_label",
     "control_words",
     "dosage_rows",
@@ -100,8 +102,23 @@ def parse_label(
             value = math.nan
         if not math.isfinite(value):
             raise SamsError(f"Dosage {dose!r} in {label!r} is not a number. Write NAME:DOSE, e.g. KLF1:0.5.")
-        out[name] = out.get(name, 0.0) + value
+        out[name] = out.get(name, 0.0) + check_dosage(name, value)
     return {k: v for k, v in out.items() if v != 0.0}
+
+
+#: The largest dosage a prediction may ask for: a member at dosage 1 is the perturbation as
+#: measured; far beyond it the models extrapolate without data, so larger values are refused.
+MAX_DOSAGE = 10.0
+
+
+def check_dosage(name: str, value: float) -> float:
+    """``value`` once it is a dosage between 0 and :data:`MAX_DOSAGE`; SamsError otherwise."""
+    if not math.isfinite(value) or not 0.0 <= value <= MAX_DOSAGE:
+        raise SamsError(
+            f"Dosage {value:g} of {name!r} is outside 0 to {MAX_DOSAGE:g}: 1 is the perturbation as measured, "
+            f"0 leaves it out, and the models do not extrapolate further. Give a dosage between 0 and {MAX_DOSAGE:g}."
+        )
+    return value
 
 
 def as_dosages(combo: Combination, known: Collection[str] = ()) -> dict[str, float]:
@@ -115,7 +132,7 @@ def as_dosages(combo: Combination, known: Collection[str] = ()) -> dict[str, flo
     out: dict[str, float] = {}
     items = combo.items() if isinstance(combo, Mapping) else ((m, 1.0) for m in combo)
     for name, dose in items:
-        out[str(name)] = out.get(str(name), 0.0) + float(dose)
+        out[str(name)] = out.get(str(name), 0.0) + check_dosage(str(name), float(dose))
     return {k: v for k, v in out.items() if v != 0.0}
 
 

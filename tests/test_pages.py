@@ -166,3 +166,63 @@ def test_a_screen_without_a_model_opens_on_home(tmp_path, screen):
     labels = [m.label for m in at.metric]
     assert "Cells" in labels
     assert any("No model for this screen yet" in i.value for i in at.info)
+
+
+def own_screen(tmp_path, screen):
+    """The toy screen as a user's own: a ``condition`` column with ``ctrl`` controls, real gene
+    symbols and a ``cell_type`` covariate."""
+    adata, _ = screen
+    a = adata.copy()
+    a.obs["condition"] = a.obs.pop("perturbation").replace({"control": "ctrl"})
+    a.obs["cell_type"] = np.where(np.arange(a.n_obs) % 3 == 0, "erythroid", "myeloid")
+    a.var_names = ["HBB", "GATA1", "KLF1", "SPI1", "CEBPA", *[f"MT{i}" for i in range(a.n_vars - 5)]]
+    path = tmp_path / "own.h5ad"
+    a.write_h5ad(path)
+    return path
+
+
+def open_path(path, model_path: str = "", page: str = "app.py", **params) -> AppTest:
+    """``page`` (the app, or one page run on its own) on the screen at ``path``."""
+    at = AppTest.from_file(str(ROOT / page), default_timeout=120)
+    at.query_params["dataset"] = "path"
+    at.query_params["data_path"] = str(path)
+    at.query_params["model_path"] = model_path
+    for k, v in params.items():
+        at.query_params[k] = v
+    return at.run()
+
+
+def test_home_shows_the_detected_data_settings_with_their_cli_flags(tmp_path, screen):
+    at = open_path(own_screen(tmp_path, screen))
+    ok(at)
+    text = " ".join(m.value for m in at.markdown)
+    assert "perturbation column `condition`" in text and "`ctrl`" in text and "cell_type (2 levels)" in text
+    assert any("--perturbation-key condition" in c.value and "--control-label ctrl" in c.value for c in at.code)
+    assert at.selectbox(key="w_ds_key").value == "condition"
+    assert "raw_perturbation" not in at.multiselect(key="w_ds_cov").options
+    counts = {m.label: m.value for m in at.metric}
+    assert counts["Combinations"] == "3" and counts["Perturbations"] == "6"
+
+
+def test_edited_data_settings_change_the_counts(tmp_path, screen):
+    """A separator that is not in the labels reads every combination as a perturbation of its own."""
+    at = open_path(own_screen(tmp_path, screen), ds_sep="|")
+    ok(at)
+    counts = {m.label: m.value for m in at.metric}
+    assert counts["Perturbations"] == "9"
+    assert any("--separator '|'" in c.value for c in at.code)
+
+
+def test_a_bundle_from_another_screen_is_refused(tmp_path, screen):
+    at = open_path(own_screen(tmp_path, screen), str(DEMO / "cpa_vae.sams"), "pages/1_Masks.py")
+    assert not at.exception
+    assert any("trained on another screen" in e.value for e in at.error), [e.value for e in at.error]
+
+
+def test_svae_plus_says_why_it_cannot_compose_on_every_page():
+    for page in ("app.py", "pages/1_Masks.py", "pages/3_Gene_programs.py"):
+        at = AppTest.from_file(str(ROOT / page), default_timeout=120)
+        at.query_params["model"] = "svae_plus"
+        at.run()
+        ok(at)
+        assert any("cannot compose a pair it never saw" in i.value for i in at.info), page
