@@ -25,12 +25,48 @@ from sams_core.labels import dosage_rows, parse_label
 from sams_core.models import registry
 
 
+def _whole(low: int):
+    """An argparse ``type``: a whole number of at least ``low``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+
+    parse.__name__ = "whole number"
+    return parse
+
+
+def _real(low: float, high: float | None = None, low_open: bool = True, high_open: bool = False):
+    """An argparse ``type``: a finite number in the interval from ``low`` to ``high``."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        too_low = value <= low if low_open else value < low
+        too_high = high is not None and (value >= high if high_open else value > high)
+        if not np.isfinite(value) or too_low or too_high:
+            lo = f"{'above' if low_open else 'at least'} {low:g}"
+            hi = f" and {'below' if high_open else 'at most'} {high:g}" if high is not None else ""
+            raise argparse.ArgumentTypeError(f"must be a finite number {lo}{hi}, got {text}")
+        return value
+
+    parse.__name__ = "number"
+    return parse
+
+
 def _add_data_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help="the screen as an .h5ad file (counts in layers['counts'] or integer X)")
     p.add_argument("--perturbation-key", default=None, help="obs column with each cell's perturbation (default: detected among perturbation, condition, guide_identity, gene, perturbation_name)")
     p.add_argument("--separator", action="append", default=None, help="separator of combination members (default '+'; repeat for several)")
     p.add_argument("--control-label", action="append", default=None, help="label of control cells (default: control, ctrl, non-targeting, NT, DMSO ...; repeat for several)")
-    p.add_argument("--n-top-genes", type=int, default=None, help="keep only this many highly variable genes (scanpy)")
+    p.add_argument("--n-top-genes", type=_whole(1), default=None, help="keep only this many highly variable genes (scanpy)")
 
 
 def _flag_parser(option: registry.Option):
@@ -120,7 +156,7 @@ def family_hparams(args: argparse.Namespace) -> dict:
 
 def _add_scale_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--devices", type=int, default=1,
+        "--devices", type=_whole(1), default=1,
         help="train on N processes with PyTorch DistributedDataParallel, one per GPU (NCCL), or N CPU "
         "processes (gloo) with --device cpu. Relaunches itself as: python -m torch.distributed.run "
         "--standalone --nproc_per_node=N -m sams_core train ARGS (the same as torchrun --standalone "
@@ -129,7 +165,7 @@ def _add_scale_options(p: argparse.ArgumentParser) -> None:
         "Every mini-batch of --batch-size cells is split over the processes (default 1)",
     )
     p.add_argument("--backed", action="store_true", help="leave the expression matrix in the .h5ad file and read cells in chunks (for screens larger than memory; CSR or dense matrix; no --n-top-genes)")
-    p.add_argument("--chunk-size", type=int, default=4096, help="cells per read with --backed (default 4096)")
+    p.add_argument("--chunk-size", type=_whole(1), default=4096, help="cells per read with --backed (default 4096)")
 
 
 def _read_data(args: argparse.Namespace):
@@ -165,21 +201,21 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--no-covariates", action="store_true", help="model no covariate, even where obs has cell_type, batch ...")
     t.add_argument("--model", default="sams_vae", choices=sorted(s.name for s in registry.families()), help="model family (default sams_vae; listed below)")
     t.add_argument("--likelihood", default=None, choices=registry.LIKELIHOODS, help="default: nb for counts, gaussian for log-normalised data")
-    t.add_argument("--latent", type=int, default=15, help="number of latent units K (default 15)")
-    t.add_argument("--hidden", type=int, default=350, help="width of the encoder/decoder hidden layers (default 350)")
-    t.add_argument("--layers", type=int, default=1, help="hidden layers in encoder and decoder (default 1)")
+    t.add_argument("--latent", type=_whole(1), default=15, help="number of latent units K (default 15)")
+    t.add_argument("--hidden", type=_whole(1), default=350, help="width of the encoder/decoder hidden layers (default 350)")
+    t.add_argument("--layers", type=_whole(1), default=1, help="hidden layers in encoder and decoder (default 1)")
     t.add_argument("--split", default="heldout-combos", choices=SPLIT_KINDS, help="how to split cells (default heldout-combos; heldout-covariate holds perturbations out in one level of the first covariate)")
     t.add_argument("--split-level", default=None, metavar="LEVEL", help="with --split heldout-covariate: hold perturbations out at this level only (e.g. one cell line); default: pairs at any level")
-    t.add_argument("--fraction", type=float, default=0.25, help="held-out fraction of combinations/perturbations, or trained fraction of combination cells for data-efficiency (default 0.25)")
-    t.add_argument("--val-fraction", type=float, default=0.1, help="fraction of the remaining cells used for validation (default 0.1)")
-    t.add_argument("--test-fraction", type=float, default=0.1, help="test fraction for the random split (default 0.1)")
-    t.add_argument("--epochs", type=int, default=100, help="training epochs (default 100)")
-    t.add_argument("--steps", type=int, default=None, help="training steps instead of epochs")
-    t.add_argument("--batch-size", type=int, default=512, help="cells per mini-batch (default 512)")
-    t.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 1e-3)")
-    t.add_argument("--particles", type=int, default=5, help="Monte-Carlo particles of the ELBO (default 5)")
-    t.add_argument("--grad-clip", type=float, default=None, help="clip the gradient norm at this value")
-    t.add_argument("--early-stopping", type=int, default=None, help="stop after this many epochs without validation improvement")
+    t.add_argument("--fraction", type=_real(0, 1), default=0.25, help="held-out fraction of combinations/perturbations, or trained fraction of combination cells for data-efficiency (default 0.25)")
+    t.add_argument("--val-fraction", type=_real(0, 1, low_open=False, high_open=True), default=0.1, help="fraction of the remaining cells used for validation (default 0.1)")
+    t.add_argument("--test-fraction", type=_real(0, 1, low_open=False, high_open=True), default=0.1, help="test fraction for the random split (default 0.1)")
+    t.add_argument("--epochs", type=_whole(1), default=100, help="training epochs (default 100)")
+    t.add_argument("--steps", type=_whole(1), default=None, help="training steps instead of epochs")
+    t.add_argument("--batch-size", type=_whole(1), default=512, help="cells per mini-batch (default 512)")
+    t.add_argument("--lr", type=_real(0, 10), default=1e-3, help="Adam learning rate (default 1e-3)")
+    t.add_argument("--particles", type=_whole(1), default=5, help="Monte-Carlo particles of the ELBO (default 5)")
+    t.add_argument("--grad-clip", type=_real(0), default=None, help="clip the gradient norm at this value")
+    t.add_argument("--early-stopping", type=_whole(1), default=None, help="stop after this many epochs without validation improvement")
     t.add_argument("--seed", type=int, default=0, help="seed of the split and of training (default 0)")
     t.add_argument("--compile", default=None, choices=["default", "reduce-overhead"], help="compile the whole training step with torch.compile (reduce-overhead also captures it in CUDA graphs on a GPU); falls back to eager and says why where it cannot; default: eager")
     t.add_argument("--precision", default="float32", choices=["float32", "bf16-mixed"], help="bf16-mixed runs the networks' matrix products in bfloat16 (faster on CPUs with AVX512-BF16 and on GPUs); default float32")
@@ -192,17 +228,17 @@ def _parser() -> argparse.ArgumentParser:
     e = sub.add_parser("evaluate", help="held-out metrics of a bundle on its data", description="Recreate the bundle's split on the data and print held-out IWELBO and ATE scores per split.")
     e.add_argument("bundle", help="a .sams bundle file or folder")
     e.add_argument("--data", required=True, help="the .h5ad screen the bundle was trained on")
-    e.add_argument("--samples", type=int, default=100, help="draws of the globals for the IWELBO (default 100)")
-    e.add_argument("--ate-samples", type=int, default=2000, help="posterior-predictive cells per condition for the model ATE (default 2000)")
-    e.add_argument("--max-cells", type=int, default=20000, help="cells per split for the IWELBO, subsampled above (default 20000)")
+    e.add_argument("--samples", type=_whole(1), default=100, help="draws of the globals for the IWELBO (default 100)")
+    e.add_argument("--ate-samples", type=_whole(1), default=2000, help="posterior-predictive cells per condition for the model ATE (default 2000)")
+    e.add_argument("--max-cells", type=_whole(1), default=20000, help="cells per split for the IWELBO, subsampled above (default 20000)")
     e.add_argument("--seed", type=int, default=0, help="seed of the Monte-Carlo draws (default 0)")
     e.add_argument("--csv", default=None, help="write the metrics table to this CSV file")
 
     pr = sub.add_parser("predict", help="per-gene predicted effects of perturbation combinations", description="Predicted per-gene effect (log2 fold change on the ATE scale) of combinations, with credible intervals.")
     pr.add_argument("bundle", help="a .sams bundle file or folder")
     pr.add_argument("--perturbations", nargs="+", required=True, help="combinations as labels, e.g. KLF1 KLF1+GATA1 (A:0.5+B for dosage 0.5)")
-    pr.add_argument("--samples", type=int, default=2000, help="posterior-predictive cells per combination (default 2000)")
-    pr.add_argument("--level", type=float, default=0.9, help="credible interval level (default 0.9)")
+    pr.add_argument("--samples", type=_whole(1), default=2000, help="posterior-predictive cells per combination (default 2000)")
+    pr.add_argument("--level", type=_real(0, 1, high_open=True), default=0.9, help="credible interval level (default 0.9)")
     pr.add_argument("--seed", type=int, default=0, help="seed (default 0)")
     pr.add_argument("--out", default=None, help="CSV file (default: print to stdout)")
 
@@ -227,6 +263,7 @@ def parse_combination(text: str) -> dict[str, float]:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    from sams_core.io.bundle import check_output
     from sams_core.pipeline import SplitSpec, train_bundle
     from sams_core.training import distributed
     from sams_core.training.trainer import TrainConfig, tqdm_progress
@@ -240,6 +277,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     ddp = distributed.launched_by_torchrun()
     device = str(distributed.init_from_env(args.device)) if ddp else args.device
     main = distributed.is_main()
+    if main:
+        check_output(args.out)  # before reading or training: an unusable --out is said at once
     try:
         data = _read_data(args)
         if main:
@@ -310,6 +349,9 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     bundle = load_bundle(args.bundle)
     if not 0 < args.level < 1:
         raise SamsError(f"--level must be between 0 and 1, got {args.level}.")
+    empty = [label for label in args.perturbations if not label.strip()]
+    if empty:
+        raise SamsError("An empty combination was given to --perturbations. Name perturbations, e.g. KLF1 or KLF1+GATA1 (control for none).")
     d = dosage_rows(args.perturbations, bundle.perturbations)
     per = max(1, args.samples // 100)
     draws = model_ate_draws(bundle.model, d, bundle.is_counts, n_globals=100, n_per_global=per, seed=args.seed)

@@ -136,8 +136,11 @@ def read_conditions(
     controls = control_words(control_labels)
     text = raw.astype(str)
     codes, uniques = pd.factorize(text.to_numpy(), sort=False)
+    check_labels(key, text, uniques)
     members = [sorted(set(split_label(u, seps, controls))) for u in uniques]
     singles = sorted({p for ms in members for p in ms})
+    if not any(len(ms) > 1 for ms in members):
+        check_unsplit_pairs(key, [str(u) for u in uniques], seps)
     if not singles:
         raise SamsError(f"obs[{key!r}] has only control cells: no perturbations to model. Check the column.")
     if all(ms for ms in members):
@@ -159,6 +162,78 @@ def read_conditions(
         rows[u, [index[p] for p in ms]] = 1.0
     labels = np.array([canonical_label(ms, singles) for ms in members], dtype=object)
     return Conditions(key, raw, labels[codes], rows[codes], singles, seps, controls)
+
+
+#: Labels that are a missing value written as text (pandas writes NaN/None as these).
+MISSING_TEXT: frozenset[str] = frozenset({"nan", "none", "null", "na", "<na>", "n/a"})
+
+
+def check_labels(key: str, text: pd.Series, uniques: Sequence[str]) -> None:
+    """No cell is labelled with empty text or with a missing value written as text ('nan'):
+    neither names a control or a perturbation, so neither is guessed."""
+    empty = [u for u in uniques if not str(u).strip()]
+    if empty:
+        n = int(text.str.strip().eq("").sum())
+        raise SamsError(
+            f"{n} cells have an empty label in obs[{key!r}]. An empty label is not taken as a control: "
+            "label them (e.g. 'control' for controls) or drop them."
+        )
+    missing = [u for u in uniques if str(u).strip().lower() in MISSING_TEXT]
+    if missing:
+        n = int(text.str.strip().str.lower().isin(MISSING_TEXT).sum())
+        raise SamsError(
+            f"{n} cells are labelled {missing[0]!r} in obs[{key!r}], a missing value written as text, not a perturbation. "
+            "Label them (e.g. 'control' for controls) or drop them."
+        )
+
+
+def check_unsplit_pairs(key: str, uniques: Sequence[str], separators: Sequence[str]) -> None:
+    """Refuse labels that look like combinations joined by another separator ('A_B', 'A|B' with
+    'A' and 'B' labels of their own) when the separators in use find no combination."""
+    names = set(uniques)
+    for sep in ("_", "|", ";", "/", ","):
+        if sep in separators:
+            continue
+        pairs = [u for u in uniques if sep in u and all(part in names for part in u.split(sep))]
+        if pairs:
+            raise SamsError(
+                f"obs[{key!r}] has labels such as {pairs[0]!r} whose parts are perturbations of their own, but no "
+                f"combination joined by {' or '.join(repr(x) for x in separators)}. If they are combinations, read them "
+                f"with separators=[{sep!r}] (command line: --separator {sep!r}; dashboard: the separator setting); if they "
+                "are single perturbations, rename them (e.g. replace the separator by '-')."
+            )
+
+
+def check_raw_counts(raw: Any, is_counts: bool, where: str) -> None:
+    """Refuse log-normalised ``X`` beside raw counts in ``adata.raw``: the counts would be ignored."""
+    if is_counts or raw is None:
+        return
+    m = raw.X
+    vals = m.data if sp.issparse(m) else np.asarray(m)
+    vals = np.asarray(vals).ravel()[:INTEGER_SAMPLE]
+    if vals.size and np.issubdtype(vals.dtype, np.number) and np.all(np.mod(vals, 1) == 0):
+        raise SamsError(
+            f"{where} holds log-normalised values while adata.raw holds raw counts, which SAMS models better "
+            "(negative-binomial likelihood). Store the counts where they are read: "
+            "adata.layers['counts'] = adata.raw[:, adata.var_names].X, then write the file again; "
+            "or delete adata.raw (del adata.raw) to model X as log-normalised data."
+        )
+
+
+def check_same_kind(model_counts: bool, data_counts: bool, where: str) -> None:
+    """A model trained on counts is applied to counts, one trained on log-normalised data to such data."""
+    if model_counts == data_counts:
+        return
+    if model_counts:
+        raise SamsError(
+            f"The model was trained on raw counts, but {where} of this data holds log-normalised values: its "
+            "likelihoods and effects would be meaningless. Load the raw counts of the screen (layers['counts'] or an "
+            "integer X), or train a model on this data."
+        )
+    raise SamsError(
+        f"The model was trained on log-normalised data, but {where} of this data holds raw counts. Load the "
+        "log-normalised values it was trained on, or train a model on these counts."
+    )
 
 
 def carried_obs(obs: pd.DataFrame, conditions: Conditions, covariate_keys: Sequence[str] | None = None) -> pd.DataFrame:

@@ -371,6 +371,7 @@ def from_anndata(
     scan = contract.ValueScan(m.shape[0], where)
     scan.add(slice(None), m)
     is_counts, library = scan.counts_and_library(layer)
+    contract.check_raw_counts(getattr(adata, "raw", None), is_counts, where)
     data = PerturbationData(
         X=m,
         is_counts=is_counts,

@@ -399,18 +399,39 @@ _DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", t
            torch.int64: "I64", torch.int32: "I32", torch.bool: "BOOL", torch.uint8: "U8", torch.int8: "I8"}
 
 
-def _check_shapes(family: str, hparams: dict[str, Any], weights: bytes) -> None:
-    """The tensors in the weights' header are exactly those of a ``family`` model with
-    ``hparams``: the model is built on the meta device (no memory), then compared by name,
-    dtype and shape."""
+def _meta_shapes(manifest: dict[str, Any]) -> dict[str, tuple[str, tuple[int, ...], int]]:
+    """Name → (safetensors dtype, shape, bytes) of every tensor of the manifest's model, from a
+    model built on PyTorch's meta device (nothing allocated)."""
+    family, hparams = manifest["family"], manifest["hparams"]
+    if family not in registry.FAMILY_LABELS:
+        raise SamsError(
+            f"Unknown model family {family!r} in the bundle. Known: {', '.join(registry.FAMILY_LABELS)}. "
+            "Register the family (sams_core.models.registry.register) before loading, or update sams_core."
+        )
     try:
         with torch.device("meta"):
             meta = registry.build_model(family, **hparams)
     except SamsError:
         raise
-    except (TypeError, ValueError, RuntimeError) as exc:
+    except (TypeError, ValueError, RuntimeError, KeyError) as exc:
         raise SamsError(f"The bundle's hyper-parameters do not describe a {family} model ({exc}). Re-export it from the trained model.") from exc
-    want = {k: (_DTYPES.get(v.dtype, str(v.dtype)), tuple(v.shape)) for k, v in meta.state_dict().items()}
+    return {
+        k: (_DTYPES.get(v.dtype, str(v.dtype)), tuple(v.shape), v.numel() * v.element_size())
+        for k, v in meta.state_dict().items()
+    }
+
+
+def _weights_cap(manifest: dict[str, Any]) -> int:
+    """The most bytes the manifest's model can need: its tensors plus a generous header."""
+    shapes = _meta_shapes(manifest)
+    return sum(b for _, _, b in shapes.values()) + 1024 * (len(shapes) + 64)
+
+
+def _check_shapes(manifest: dict[str, Any], weights: bytes) -> None:
+    """The tensors in the weights' header are exactly those of the manifest's model (built on the
+    meta device, so no memory is taken), compared by name and shape."""
+    family = manifest["family"]
+    want = _meta_shapes(manifest)
     have = _header_shapes(weights)
     if set(want) != set(have):
         missing, extra = sorted(set(want) - set(have)), sorted(set(have) - set(want))
@@ -435,7 +456,7 @@ def load_bundle(source: str | Path | bytes, device: str | torch.device | None = 
     the hyper-parameters before the model is allocated. Raises :class:`SamsError` for a missing,
     truncated, tampered or incompatible bundle.
     """
-    manifest, weights, path = read_bundle(source)
+    manifest, weights, path = read_bundle(source, weights_cap=_weights_cap)
     assert weights is not None
     digest = hashlib.sha256(weights).hexdigest()
     if digest != manifest.get("weights_sha256"):
@@ -443,14 +464,8 @@ def load_bundle(source: str | Path | bytes, device: str | torch.device | None = 
             "The bundle was modified after it was saved: its weights do not match the checksum in its manifest "
             "(edited or truncated). Re-export it from the trained model."
         )
-    family = manifest["family"]
-    if family not in registry.FAMILY_LABELS:
-        raise SamsError(
-            f"Unknown model family {family!r} in the bundle. Known: {', '.join(registry.FAMILY_LABELS)}. "
-            "Register the family (sams_core.models.registry.register) before loading, or update sams_core."
-        )
-    hparams = manifest["hparams"]
-    _check_shapes(family, hparams, weights)
+    family, hparams = manifest["family"], manifest["hparams"]
+    _check_shapes(manifest, weights)
     try:
         state = st_load(weights)
     except Exception as exc:  # safetensors raises its own error type for bad headers

@@ -17,6 +17,7 @@ import os
 import stat
 import zipfile
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -138,15 +139,19 @@ def _member(z: zipfile.ZipFile, name: str, cap: int, where: str, expected: int |
     return z.read(name)
 
 
-def read_bundle(source: str | Path | bytes, weights: bool = True) -> tuple[dict[str, Any], bytes | None, Path | None]:
+def read_bundle(
+    source: str | Path | bytes, weights: bool = True, weights_cap: Callable[[dict[str, Any]], int] | None = None
+) -> tuple[dict[str, Any], bytes | None, Path | None]:
     """The validated manifest and the raw weights of a bundle (``.sams`` zip, folder, or the bytes
     of a zip), every read bounded.
 
     Only regular files are read (no devices, pipes or links inside a folder); the manifest is
     read within :data:`MAX_MANIFEST_BYTES` and validated (:func:`parse_manifest`: schema and
     checksum) before the weights, whose size must be the one the manifest records. An archive
-    is refused before decompressing when it has more than :data:`MAX_MEMBERS` members, declares
-    more than :data:`MAX_TOTAL_BYTES`, or holds encrypted or unsupported members. With
+    is refused before decompressing when it has more than :data:`MAX_MEMBERS` members or any but
+    the manifest and the weights, declares more than :data:`MAX_TOTAL_BYTES`, or holds encrypted
+    or unsupported members. ``weights_cap`` gives the largest weights the validated manifest can
+    need (e.g. from its model's tensor shapes), checked before they are read. With
     ``weights=False`` the weights are not read (None). Raises :class:`SamsError` for a missing,
     truncated, foreign or edited bundle.
     """
@@ -156,7 +161,8 @@ def read_bundle(source: str | Path | bytes, weights: bool = True) -> tuple[dict[
         if not os.path.lexists(m) or not os.path.lexists(w):
             raise SamsError(f"{path} is a folder without {MANIFEST} and {WEIGHTS}: not a model bundle.")
         manifest = parse_manifest(_read_capped(m, MAX_MANIFEST_BYTES, "manifest"))
-        raw_w = _read_capped(w, MAX_WEIGHTS_BYTES, "weights", manifest.get("weights_bytes")) if weights else None
+        cap = min(MAX_WEIGHTS_BYTES, weights_cap(manifest)) if weights and weights_cap else MAX_WEIGHTS_BYTES
+        raw_w = _read_capped(w, cap, "weights", manifest.get("weights_bytes")) if weights else None
         return manifest, raw_w, path
     try:
         with buf, zipfile.ZipFile(buf) as z:
@@ -168,10 +174,14 @@ def read_bundle(source: str | Path | bytes, weights: bool = True) -> tuple[dict[
                 raise SamsError(f"{where} lacks {MANIFEST} or {WEIGHTS}: not a SAMS model bundle.")
             if len(set(names)) != len(names):
                 raise SamsError(f"{where} holds a file twice under one name. {_DAMAGED}")
+            extra = sorted(set(names) - {MANIFEST, WEIGHTS})
+            if extra:
+                raise SamsError(f"{where} holds files other than {MANIFEST} and {WEIGHTS} ({', '.join(extra[:3])}). {_DAMAGED}")
             _capped(sum(i.file_size for i in infos), MAX_TOTAL_BYTES, "content", where)
             # the sizes the archive declares are checked before anything is decompressed
             manifest = parse_manifest(_member(z, MANIFEST, MAX_MANIFEST_BYTES, where))
-            raw_w = _member(z, WEIGHTS, MAX_WEIGHTS_BYTES, where, manifest.get("weights_bytes")) if weights else None
+            cap = min(MAX_WEIGHTS_BYTES, weights_cap(manifest)) if weights and weights_cap else MAX_WEIGHTS_BYTES
+            raw_w = _member(z, WEIGHTS, cap, where, manifest.get("weights_bytes")) if weights else None
             return manifest, raw_w, path
     except SamsError:
         raise
