@@ -52,7 +52,8 @@ def make_split(
       there. A ``fraction`` of the (condition, level) pairs whose condition is measured at two or
       more levels is the test set, never all levels of one condition; ``level`` restricts the
       pairs to that level (e.g. one cell line's perturbations); ``heldout`` names the pairs
-      ("A+B@K562" or ("A+B", "K562")). :func:`heldout_pairs` lists the pairs a split holds out.
+      ("A+B@K562" or ("A+B", "K562")), which may include conditions measured at one level only
+      (held out entirely, e.g. some pairs beside one cell line's perturbations). :func:`heldout_pairs` lists the pairs a split holds out.
     Validation cells are drawn at random from the cells left for training.
     """
     if kind not in SPLIT_KINDS:
@@ -150,7 +151,9 @@ def _covariate_test_cells(
                     "Name (condition, level) pairs that the data measures."
                 )
         for lab in {lab for lab, _ in chosen}:
-            if levels_of[lab] <= {l_ for c, l_ in chosen if c == lab}:
+            # a condition measured at one level only (e.g. a pair of one cell line) may be named: it is
+            # then held out entirely, as by heldout-combos, so one split can test both transfer and pairs
+            if len(levels_of[lab]) >= 2 and levels_of[lab] <= {l_ for c, l_ in chosen if c == lab}:
                 raise SamsError(
                     f"Holding {lab} out at every level it was measured in leaves nothing to transfer from. "
                     "Keep at least one of its levels in training."
