@@ -23,8 +23,10 @@ from sams_core.settings import SETTINGS
 
 __all__ = ["LARGE_EMBEDDING", "Embedding", "cell_latents", "embedding_key", "subsample", "umap_embedding"]
 
-#: Layouts that ship with the demo (``python -m sams_core build-demo`` writes them).
+#: Layouts that ship with the demos (``python -m sams_core build-demo`` writes them): the simulated
+#: demo's and the real screen's.
 SHIPPED_EMBEDDINGS = SETTINGS.demo_embeddings
+SHIPPED_EMBEDDING_DIRS: tuple[Path, ...] = (SHIPPED_EMBEDDINGS, SETTINGS.demo_real_dir / "embeddings")
 #: Where computed layouts are cached (the user's cache directory; ``SAMS_CACHE_DIR`` overrides).
 DEFAULT_CACHE = SETTINGS.cache_dir
 
@@ -107,7 +109,7 @@ def umap_embedding(
     seed: int = 0,
     n_neighbors: int = 15,
     min_dist: float = 0.3,
-    shipped_dirs: Sequence[str | Path] = (SHIPPED_EMBEDDINGS,),
+    shipped_dirs: Sequence[str | Path] = SHIPPED_EMBEDDING_DIRS,
     cache_dir: str | Path | None = DEFAULT_CACHE,
     progress: Callable[[str, float], None] | None = None,
 ) -> Embedding:
