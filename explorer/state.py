@@ -21,6 +21,7 @@ import streamlit as st
 from sams_core.demo import DEMO_DIR, DEMO_MODELS, DATA_FILE
 from explorer.jobs import list_jobs
 from sams_core.errors import SamsError
+from sams_core.io.paths import readable_path
 from sams_core.settings import SETTINGS
 
 if TYPE_CHECKING:  # numpy and pandas load with the first page that needs them
@@ -28,7 +29,8 @@ if TYPE_CHECKING:  # numpy and pandas load with the first page that needs them
     import pandas as pd
 
 RUNS_DIR = SETTINGS.runs_dir
-SOURCES = ("demo", "path", "upload")
+# a read-only deployment (SAMS_READ_ONLY=1) offers no "Files on disk" (and app.py no Train page)
+SOURCES = ("demo", "upload") if SETTINGS.read_only else ("demo", "path", "upload")
 SOURCE_LABELS = {"demo": "Shipped demo", "path": "Files on disk", "upload": "Upload"}
 ss = st.session_state
 _LOG = logging.getLogger("sams_explorer")
@@ -114,15 +116,39 @@ def widget(fn: Callable, label: str, key: str, default: Any, options: Sequence |
 
 # ---------------------------------------------------------------------------------------------
 # cached loaders
-@st.cache_resource(show_spinner="Loading model…")
+def _stamp(source: str, content: bytes | None) -> tuple | None:
+    """What tells a file's content apart cheaply, for cache keys: size and modification time (of
+    a folder bundle's parts); None for an upload (its bytes are the key)."""
+    if content is not None:
+        return None
+    p = Path(source)
+    try:
+        parts = [p / "manifest.json", p / "weights.safetensors"] if p.is_dir() else [p]
+        return tuple((q.stat().st_size, q.stat().st_mtime_ns) for q in parts)
+    except OSError:
+        return None
+
+
 def _bundle(source: str, content: bytes | None = None):
+    """The bundle at ``source`` (or uploaded), cached by content: a rewritten file is read again."""
+    return _bundle_cached(source, content, _stamp(source, content))
+
+
+@st.cache_resource(show_spinner="Loading model…", max_entries=16)
+def _bundle_cached(source: str, content: bytes | None, stamp: tuple | None):
     from sams_core.io.bundle import load_bundle
 
     return load_bundle(content if content is not None else source, device="cpu")
 
 
-@st.cache_resource(show_spinner="Reading data…")
 def _adata(source: str, content: bytes | None = None):
+    """The screen's AnnData, cached by content (at most 4 held: an upload's copy is released
+    when it falls out)."""
+    return _adata_cached(source, content, _stamp(source, content))
+
+
+@st.cache_resource(show_spinner="Reading data…", max_entries=4)
+def _adata_cached(source: str, content: bytes | None, stamp: tuple | None):
     import anndata
 
     if content is not None:
@@ -517,8 +543,13 @@ class Selection:
         return guarded(lambda: _manifest(*self.models[self.model_name]))
 
 
-@st.cache_data(show_spinner=False, max_entries=50)
 def _manifest(source: str, content: bytes | None = None) -> dict[str, Any]:
+    """The bundle's manifest, cached by content (a rewritten bundle shows its new metrics)."""
+    return _manifest_cached(source, content, _stamp(source, content))
+
+
+@st.cache_data(show_spinner=False, max_entries=50)
+def _manifest_cached(source: str, content: bytes | None, stamp: tuple | None) -> dict[str, Any]:
     from sams_core.io.manifest import read_manifest
 
     return read_manifest(content if content is not None else source)
@@ -627,6 +658,13 @@ def choose() -> Selection:
         if mpath:
             models[Path(mpath).name] = (mpath, None)
         label = dpath
+        try:  # paths from the sidebar or the URL are read only under SAMS_DATA_ROOT
+            for given in (dpath, mpath):
+                if given:
+                    readable_path(given)
+        except SamsError as e:
+            sb.error(str(e))
+            data_src, models = None, {}
     else:
         up = sb.file_uploader("Screen (.h5ad)", type=None, key="up_data")
         if up is not None:
@@ -676,7 +714,7 @@ def load(sel: Selection) -> Context | None:
         adata = _adata(*data_src)
         bundle = _bundle(*models[model_name])
         try:
-            data, split = _aligned(f"{model_name}:{bundle.checksum()}", data_src[0], bundle, adata)
+            data, split = _aligned(f"{model_name}:{bundle.checksum()}", f"{data_src[0]}:{_stamp(*data_src)}", bundle, adata)
         except SamsError as e:
             raise SamsError(f"{model_name} was trained on another screen: {e}") from e
         check_same_screen(bundle.manifest, data, model_name, label)

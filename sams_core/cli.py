@@ -253,7 +253,7 @@ def _parser() -> argparse.ArgumentParser:
     w.add_argument("--loadings", action="store_true", help="also store each latent unit's gene loadings in uns['sams']")
 
     sub.add_parser("simulate", help="simulate a screen with ground truth (see simulate --help)", add_help=False)
-    sub.add_parser("build-demo", help="rebuild the shipped demo screen and bundles in assets/demo (see build-demo --help)", add_help=False)
+    sub.add_parser("build-demo", help="rebuild the shipped demos: the real screen (assets/demo_real) and the simulated one (assets/demo), screens and bundles (see build-demo --help)", add_help=False)
     return ap
 
 
