@@ -8,7 +8,12 @@ from __future__ import annotations
 
 import streamlit as st
 
-from explorer import state as S
+from explorer.preload import preload
+
+preload()  # the modules every page needs, once per server, before any session uses them
+
+from explorer import state as S  # noqa: E402
+from sams_core.settings import SETTINGS  # noqa: E402
 
 st.set_page_config(page_title="SAMS Explorer", layout="wide")
 PAGES = [
@@ -20,6 +25,8 @@ PAGES = [
     st.Page("pages/5_Compare.py", title="Compare", icon=":material/leaderboard:"),
     st.Page("pages/6_Train.py", title="Train", icon=":material/model_training:"),
 ]
+if SETTINGS.read_only:  # SAMS_READ_ONLY=1: a shared deployment without training
+    PAGES = PAGES[:-1]
 page = st.navigation(PAGES)
 with S.drawn_sidebar(S.choose()):
     try:

@@ -11,11 +11,16 @@ A job is a folder under the runs directory (``SAMS_HOME/runs``) holding
 Every file is written atomically (a temporary sibling, then a rename). Jobs of one runs directory
 run one at a time (``max_parallel`` more with ``SAMS_MAX_JOBS``): a started job waits for a free
 slot, taken with an exclusive file lock, so queued jobs start in turn even across server restarts.
+Each job process has its own random generators, seeded from its config, so two runs with one
+seed give the same model whether or not they overlap; jobs run on threads of the server
+(``in_process``) train one at a time for the same reason. A read-only server
+(``SAMS_READ_ONLY=1``) refuses to start jobs.
 The job process is ``python -m explorer.jobs JOB_DIR``; it imports the library, never Streamlit.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import fcntl
 import json
@@ -32,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from sams_core.errors import SamsError
+from sams_core.settings import SETTINGS
 
 STATES = ("queued", "running", "done", "failed", "cancelled")
 JOB_FILE, PROGRESS_FILE, LOG_FILE, MODEL_FILE = "job.json", "progress.jsonl", "log.txt", "model.sams"
@@ -186,6 +192,9 @@ def submit(runs_dir: str | Path, spec: JobSpec, in_process: bool = False) -> Job
     ``in_process`` runs it on a thread of this process instead: for a family registered at run
     time, which a new process would not know. It then outlives page changes but not the server.
     """
+    if SETTINGS.read_only:
+        raise SamsError("This server is read-only (SAMS_READ_ONLY=1): it does not train. Train with the command line "
+                        "(python -m sams_core train ...) and open the bundle here.")
     job = create(runs_dir, spec)
     if in_process:
         threading.Thread(target=run, args=(job.path,), kwargs={"handle_signals": False}, daemon=True).start()
@@ -239,6 +248,9 @@ class _Cancelled(Exception):
     pass
 
 
+_IN_PROCESS = threading.Lock()
+
+
 def run(job_dir: str | Path, max_parallel: int | None = None, handle_signals: bool = True) -> int:
     """Run the job in ``job_dir`` in this process: wait for a slot, train, save; exit code.
 
@@ -277,9 +289,12 @@ def run(job_dir: str | Path, max_parallel: int | None = None, handle_signals: bo
                 f.write(json.dumps(rec.as_dict()) + "\n")
 
         split_spec = SplitSpec(**spec.split)
-        bundle, _, _ = train_bundle(
-            data, spec.family, split_spec, TrainConfig(**spec.config), out=None, progress=progress, **spec.hparams,
-        )
+        # a job on a thread of this process shares PyTorch's random generators with any other such
+        # job: they train one at a time, so a seed gives the same model whatever else runs
+        with _IN_PROCESS if not handle_signals else contextlib.nullcontext():
+            bundle, _, _ = train_bundle(
+                data, spec.family, split_spec, TrainConfig(**spec.config), out=None, progress=progress, **spec.hparams,
+            )
         bundle.manifest["run"] = {"name": spec.name, "id": job.id, "created": job.created}
         save_bundle(job.model_path, bundle.model, bundle.manifest)  # atomic: a temporary sibling, renamed
         job.state = "done"

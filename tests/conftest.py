@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -12,6 +13,9 @@ import scipy.sparse as sp
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
+# the tests open screens and bundles in temporary folders, outside the working directory that a
+# deployment's data root defaults to (tests/test_hostile.py checks the root itself)
+os.environ.setdefault("SAMS_DATA_ROOT", "/")
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
