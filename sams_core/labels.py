@@ -37,6 +37,7 @@ __all__ = [
     "control_words",
     "dosage_rows",
     "parse_label",
+    "perturbation_order",
     "split_label",
 ]
 
@@ -153,13 +154,23 @@ def combination_label(combo: Combination, order: Sequence[str] | None = None) ->
     return "+".join(m if d[m] == 1.0 else f"{m}:{d[m]:g}" for m in names)
 
 
-def canonical_label(members: Iterable[str], perturbations: Sequence[str]) -> str:
+def perturbation_order(perturbations: Sequence[str]) -> dict[str, int]:
+    """``{name: position}`` of a perturbation list, to pass to :func:`canonical_label` when many
+    labels are made against the same list (built once instead of once per label)."""
+    return {p: i for i, p in enumerate(perturbations)}
+
+
+def canonical_label(members: Iterable[str], perturbations: Sequence[str] | Mapping[str, int]) -> str:
     """The canonical label of a set of members: joined by ``+`` in the order of ``perturbations``
-    (unknown members last), ``"control"`` when there are none."""
+    (unknown members last), ``"control"`` when there are none.
+
+    ``perturbations`` is the perturbation list or its :func:`perturbation_order` (faster when
+    the same list orders many labels).
+    """
     ms = set(members)
     if not ms:
         return CONTROL
-    order = {p: i for i, p in enumerate(perturbations)}
+    order = perturbations if isinstance(perturbations, Mapping) else perturbation_order(perturbations)
     return "+".join(sorted(ms, key=lambda m: (order.get(m, len(order)), m)))
 
 

@@ -28,7 +28,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from sams_core.errors import SamsError
-from sams_core.labels import SEPARATORS, canonical_label, control_words, split_label
+from sams_core.labels import SEPARATORS, canonical_label, control_words, perturbation_order, split_label
 
 #: obs columns searched, in this order, for each cell's perturbation.
 PERTURBATION_KEYS: tuple[str, ...] = (
@@ -150,7 +150,8 @@ def read_conditions(
             "pass control_labels=[...] (command line: --control-label) for other names."
         )
     if hasattr(raw, "cat"):
-        unused = [c for c in raw.cat.categories if c not in set(uniques)]
+        present = set(uniques)  # built once, not once per category
+        unused = [c for c in raw.cat.categories if str(c) not in present]
         if unused:
             raise SamsError(
                 f"Perturbation(s) {', '.join(map(str, unused[:5]))} are listed in obs[{key!r}] but have no cells. "
@@ -160,7 +161,9 @@ def read_conditions(
     rows = np.zeros((len(uniques), len(singles)), dtype=np.float32)
     for u, ms in enumerate(members):
         rows[u, [index[p] for p in ms]] = 1.0
-    labels = np.array([canonical_label(ms, singles) for ms in members], dtype=object)
+    order = perturbation_order(singles)
+    labels = np.array([canonical_label(ms, order) for ms in members], dtype=object)
+    # every distinct raw label was parsed once above; codes map the results back to the cells
     return Conditions(key, raw, labels[codes], rows[codes], singles, seps, controls)
 
 
