@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from explorer.preload import preload
+from explorer.preload import preload, preload_models
 
 preload()  # the modules every page needs, once per server, before any session uses them
 
@@ -28,6 +28,8 @@ PAGES = [
 if SETTINGS.read_only:  # SAMS_READ_ONLY=1: a shared deployment without training
     PAGES = PAGES[:-1]
 page = st.navigation(PAGES)
+if page.title not in ("Home", "Train"):  # pages that show a model: PyTorch once, under the same lock
+    preload_models()
 with S.drawn_sidebar(S.choose()):
     try:
         page.run()

@@ -4,6 +4,8 @@ Streamlit runs each session's script on its own thread. On a freshly started ser
 opened together would import pandas, torch and the library at the same moment, and one of them
 could see a partially initialised module. :func:`preload` imports them under one process-wide
 lock: the first session imports, the others wait for it, and later runs return at once.
+PyTorch and the modules built on it are imported the same way, by :func:`preload_models`, when
+the first model is loaded (the first page never waits for PyTorch).
 """
 
 from __future__ import annotations
@@ -11,45 +13,63 @@ from __future__ import annotations
 import importlib
 import threading
 
-#: What the pages and the shared dashboard state import, heavy libraries first.
+#: What every page draws with, PyTorch not included (the first page never waits for it).
 MODULES: tuple[str, ...] = (
     "numpy",
     "pandas",
     "scipy.sparse",
-    "plotly.graph_objects",
+    "h5py",
     "anndata",
-    "torch",
-    "sams_core.plots",
+    "plotly.graph_objects",
     "sams_core.labels",
+    "sams_core.plots",
     "sams_core.models.registry",
     "sams_core.io.manifest",
-    "sams_core.io.bundle",
+    "sams_core.io.paths",
+    "sams_core.data.contract",
     "sams_core.data.screen",
-    "sams_core.data.summary",
     "sams_core.data.splits",
-    "sams_core.pipeline",
+    "sams_core.data.summary",
+    "sams_core.interpret.genesets",
+    "sams_core.demo",
+)
+
+#: What a page showing a model needs: PyTorch and the library built on it.
+MODEL_MODULES: tuple[str, ...] = (
+    "torch",
+    "sams_core.io.bundle",
+    "sams_core.training.trainer",
+    "sams_core.evaluation.metrics",
     "sams_core.evaluation.compare",
+    "sams_core.pipeline",
     "sams_core.interpret.effects",
     "sams_core.interpret.programs",
-    "sams_core.interpret.genesets",
     "sams_core.interpret.embed",
 )
 
 _LOCK = threading.Lock()
-_DONE = False
+_DONE: set[tuple[str, ...]] = set()
+
+
+def _once(modules: tuple[str, ...]) -> None:
+    if modules in _DONE:
+        return
+    with _LOCK:
+        if modules in _DONE:
+            return
+        for name in modules:
+            importlib.import_module(name)
+        _DONE.add(modules)
 
 
 def preload() -> None:
     """Import :data:`MODULES` once in this process (other threads wait until it is done)."""
-    global _DONE
-    if _DONE:
-        return
-    with _LOCK:
-        if _DONE:
-            return
-        for name in MODULES:
-            importlib.import_module(name)
-        _DONE = True
+    _once(MODULES)
 
 
-__all__ = ["MODULES", "preload"]
+def preload_models() -> None:
+    """Import :data:`MODEL_MODULES` once in this process, before the first model is loaded."""
+    _once(MODEL_MODULES)
+
+
+__all__ = ["MODEL_MODULES", "MODULES", "preload", "preload_models"]

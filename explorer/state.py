@@ -18,8 +18,9 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import streamlit as st
 
-from sams_core.demo import DEMO_DIR, DEMO_MODELS, DATA_FILE
+from sams_core.demo import DEFAULT_DEMO, DEMO_DIR, DEMOS, DATA_FILE
 from explorer.jobs import list_jobs
+from explorer.preload import preload_models
 from sams_core.errors import SamsError
 from sams_core.io.paths import readable_path
 from sams_core.settings import SETTINGS
@@ -136,6 +137,7 @@ def _bundle(source: str, content: bytes | None = None):
 
 @st.cache_resource(show_spinner="Loading model…", max_entries=16)
 def _bundle_cached(source: str, content: bytes | None, stamp: tuple | None):
+    preload_models()  # PyTorch and the model code, imported once under a lock (no cold-start race)
     from sams_core.io.bundle import load_bundle
 
     return load_bundle(content if content is not None else source, device="cpu")
