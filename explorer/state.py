@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import streamlit as st
 
-from sams_core.demo import DEFAULT_DEMO, DEMO_DIR, DEMOS, DATA_FILE
+from sams_core.demo import DEMO_DIR, DEMO_MODELS, DATA_FILE
 from explorer.jobs import list_jobs
 from explorer.preload import preload_models
 from sams_core.errors import SamsError
@@ -767,6 +767,41 @@ def enrichment(model_key: str, data_key: str, collection_key: str, _loadings: pd
     return unit_enrichment(_loadings, _collection, method=method)
 
 
+@st.cache_data(show_spinner="Predicting each condition's effect…", max_entries=50)
+def predicted_effects(model_key: str, _bundle_obj, conditions: tuple[str, ...], perturbations: tuple[str, ...], is_counts: bool) -> pd.DataFrame:
+    """The model's predicted effect (log2 fold change over controls) of each condition on every
+    gene; rows = conditions (NaN where the model cannot predict one)."""
+    from sams_core.evaluation.metrics import model_ate
+
+    return model_ate(_bundle_obj.model, list(conditions), list(perturbations), is_counts, n_samples=400)
+
+
+@st.cache_data(show_spinner="Testing genes (scanpy rank_genes_groups)…", max_entries=100)
+def observed_de(data_key: str, _data, condition: str, method: str) -> pd.DataFrame:
+    """Observed differential expression of ``condition`` against the controls (cached)."""
+    from sams_core.interpret.differential import observed_de as de
+
+    return de(_data, condition, method=method)
+
+
+@st.cache_data(show_spinner="Mapping perturbations…", max_entries=50)
+def perturbation_map(model_key: str, _bundle_obj, by: str, n_clusters: int) -> pd.DataFrame:
+    """Perturbations in 2-D by the model's latent shifts (or masks), clustered."""
+    from sams_core.interpret.differential import perturbation_map as pmap
+    from sams_core.interpret.effects import perturbation_distances
+
+    return pmap(perturbation_distances(_bundle_obj, by=by), n_clusters)
+
+
+def open_page(path: str, **selections: Any) -> None:
+    """Go to the page at ``path`` with ``selections`` (keys of :func:`widget`) preset."""
+    for key, value in selections.items():
+        ss["sel_" + key] = value
+        ss.pop("w_" + key, None)
+        remember(key, value)
+    st.switch_page(path)
+
+
 _EMBEDDINGS: dict[tuple, Any] = {}
 
 
@@ -796,6 +831,19 @@ def _slug(s: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in s).strip("_") or "figure"
 
 
+def download_name(name: str) -> str:
+    """A download's file name (no extension): ``name`` followed by the model and the screen it
+    shows, so files from several models and screens do not overwrite each other."""
+    sel = getattr(_RUN, "selection", None)
+    parts = [name]
+    if sel is not None:
+        if sel.model_name:
+            parts.append(sel.model_name.split(" · ")[0].removeprefix("run: ").removeprefix("upload: "))
+        if sel.data_src is not None:
+            parts.append(Path(sel.data_label.removeprefix("demo: ")).stem)
+    return _slug("__".join(parts))[:150]
+
+
 def figure_downloads(fig, name: str, key: str) -> None:
     """PNG, SVG, PDF and HTML download buttons under a figure (rendered only when clicked)."""
     from sams_core.plots import MIME, figure_bytes
@@ -803,20 +851,26 @@ def figure_downloads(fig, name: str, key: str) -> None:
     cols = st.columns(4)
     for col, fmt in zip(cols, ("png", "svg", "pdf", "html")):
         col.download_button(
-            fmt.upper(), data=(lambda f=fmt: figure_bytes(fig, f)), file_name=f"{_slug(name)}.{fmt}",
+            fmt.upper(), data=(lambda f=fmt: figure_bytes(fig, f)), file_name=f"{download_name(name)}.{fmt}",
             mime=MIME[fmt], key=f"dl_{key}_{fmt}", on_click="ignore", icon=":material/download:",
         )
 
 
-def chart(fig, name: str, key: str) -> None:
-    """A Plotly figure with its download buttons."""
-    st.plotly_chart(fig, width="stretch", key=f"chart_{key}")
+def chart(fig, name: str, key: str, select: bool = False) -> Any:
+    """A Plotly figure with its download buttons; with ``select`` its points can be picked by
+    box, lasso or click and the selection event is returned (None otherwise)."""
+    if select:
+        event = st.plotly_chart(fig, width="stretch", key=f"chart_{key}", on_select="rerun",
+                                selection_mode=("points", "box", "lasso"))
+    else:
+        event = st.plotly_chart(fig, width="stretch", key=f"chart_{key}")
     figure_downloads(fig, name, key)
+    return event if select else None
 
 
 def table_download(df: pd.DataFrame, name: str, key: str, index: bool = False) -> None:
     """A CSV download button for a table (the CSV is written only when clicked)."""
-    st.download_button("CSV", data=lambda: df.to_csv(index=index).encode(), file_name=f"{_slug(name)}.csv",
+    st.download_button("CSV", data=lambda: df.to_csv(index=index).encode(), file_name=f"{download_name(name)}.csv",
                        mime="text/csv", key=f"csv_{key}", on_click="ignore", icon=":material/download:")
 
 
@@ -862,5 +916,6 @@ __all__ = [
     "enrichment", "embedding", "comparison", "chart", "figure_downloads", "table_download", "show_table", "guarded",
     "mask_truth", "run_bundles", "demo_bundles", "RUNS_DIR", "report_unexpected",
     "DataSettings", "data_settings_widgets", "screen_data", "screen_obs", "screen_hash", "file_hash", "run_label",
-    "check_same_screen", "capability_note", "screen_counts", "condition_table", "family_note", "covariate_candidates", "detected_settings",
+    "check_same_screen", "capability_note", "screen_counts", "condition_table", "predicted_effects", "observed_de",
+    "perturbation_map", "open_page", "download_name", "family_note", "covariate_candidates", "detected_settings",
 ]

@@ -98,7 +98,7 @@ with right:
     if len(metrics) > 1:
         # a Markdown table: no pandas and no data-grid component before the page is drawn
         st.markdown(markdown_table(metrics))
-        st.download_button("CSV", data=lambda: csv_text(metrics_table(manifest, digits=None)), file_name="metrics.csv",
+        st.download_button("CSV", data=lambda: csv_text(metrics_table(manifest, digits=None)), file_name=f"{S.download_name('metrics')}.csv",
                            mime="text/csv", key="csv_home_metrics", on_click="ignore", icon=":material/download:")
     else:
         st.info("This bundle records no metrics.")

@@ -1,4 +1,6 @@
-"""Latent space: UMAP of cells' latents coloured by perturbation, a unit, mask targets or covariates."""
+"""Latent space: UMAP of cells' latents coloured by perturbation, a gene's expression, a predicted
+effect, a unit, mask targets or a covariate; one perturbation highlighted; box or lasso selection
+with the selected cells' composition by perturbation and covariate."""
 
 from __future__ import annotations
 
@@ -20,8 +22,9 @@ latent = S.widget(c1.radio, "Latent", "latent_which", "full", ["full", "basal"],
                   help="full = basal state + the perturbation's shift; basal = the cell's state without it")
 max_cells = S.widget(c2.slider, "Cells (subsample)", "latent_cells", min(2000, data.n_cells),
                      min_value=min(200, data.n_cells), max_value=data.n_cells, step=100)
-covs = [c for c in data.obs.columns if c not in ("perturbation",) and data.obs[c].nunique() <= 50] if data.obs is not None else []
-modes = ["perturbation", "unit value", "targeted by"] + [f"covariate: {c}" for c in covs]
+covs = [c for c in data.obs.columns if c not in S.NOT_COVARIATES and data.obs[c].nunique() <= 50] if data.obs is not None else []
+modes = ["perturbation", "gene expression", "predicted effect", "highlight a perturbation", "unit value", "targeted by"]
+modes += [f"covariate: {c}" for c in covs]
 mode = S.widget(c3.selectbox, "Colour by", "latent_color", "perturbation", modes)
 
 bar = st.progress(0.0, text="Preparing…")
@@ -36,13 +39,41 @@ if emb is None:
     st.stop()
 bar.progress(1.0, text=f"UMAP of {len(emb.cells):,} cells ({latent} latent)" + (" — from cache" if emb.from_cache else ""))
 labels = data.labels[emb.cells].astype(str)
+title = f"UMAP of {latent} latents · {bundle.label}"
+genes = list(data.genes)
 
-if mode == "perturbation":
-    color, cont, clabel = labels, False, "perturbation"
+
+def gene_choice() -> str:
+    return S.widget(st.selectbox, "Gene (type to search)", "latent_gene", genes[0], genes,
+                    help=f"any of the screen's {len(genes):,} genes; type part of its name to find it")
+
+
+if mode == "gene expression":
+    gene = gene_choice()
+    x = data.dense(emb.cells)[:, genes.index(gene)].astype(float)
+    if data.is_counts:
+        x = np.log1p(1e4 * x / np.maximum(data.library[emb.cells], 1.0))
+    what = "log1p normalised expression" if data.is_counts else "expression"
+    fig = plots.umap_values(emb.coords, x, hover=labels, value_label=gene, title=f"{gene} ({what}) · {title}")
+elif mode == "predicted effect":
+    gene = gene_choice()
+    conds = tuple(sorted(set(labels)))
+    pe = S.guarded(lambda: S.predicted_effects(ctx.model_key, bundle, conds, tuple(data.perturbations), data.is_counts))
+    if pe is None:
+        st.stop()
+    v = pe[gene].reindex(labels).to_numpy(dtype=float) if gene in pe.columns else pe.iloc[:, genes.index(gene)].reindex(labels).to_numpy(dtype=float)
+    if np.isnan(v).any():
+        st.caption(f"{int(np.isnan(v).sum()):,} cells belong to conditions this model cannot predict (shown at 0).")
+    fig = plots.umap_values(emb.coords, np.nan_to_num(v), hover=labels, value_label=f"{gene} log2 FC", diverging=True,
+                            title=f"Predicted effect on {gene} of each cell's condition · {title}")
+elif mode == "highlight a perturbation":
+    conds = sorted({lab for lab in labels if lab != "control"})
+    pert = S.widget(st.selectbox, "Perturbation", "latent_highlight", conds[0] if conds else "control", conds or ["control"])
+    fig = plots.umap_highlight(emb.coords, labels == pert, pert, hover=labels, title=f"{pert} · {title}")
 elif mode == "unit value":
     unit = S.widget(st.selectbox, "Unit", "latent_unit", 0, list(range(K)), format_func=lambda k: f"unit {k}")
     z = cell_latents(bundle, data, emb.cells, latent)
-    color, cont, clabel = z[:, unit], True, f"unit {unit}"
+    fig = plots.umap_scatter(emb.coords, z[:, unit], hover=labels, color_label=f"unit {unit}", continuous=True, title=title)
 elif mode == "targeted by":
     pert = S.widget(st.selectbox, "Perturbation", "latent_pert", bundle.perturbations[0], bundle.perturbations)
     p = bundle.mask_probabilities()
@@ -50,16 +81,29 @@ elif mode == "targeted by":
     if p is not None and pert in bundle.mask_rows:
         targets = [k for k in range(K) if float(p[bundle.mask_rows.index(pert), k]) >= 0.5]
     got = np.array([pert in split_label(lab) for lab in labels])
-    color = np.where(got, f"received {pert}", "other cells")
-    cont, clabel = False, "cells"
     st.caption(f"Units {pert} targets (P ≥ 0.5): {', '.join(f'unit {k}' for k in targets) or 'none / no masks'}")
-else:
+    fig = plots.umap_scatter(emb.coords, np.where(got, f"received {pert}", "other cells"), hover=labels, color_label="cells", title=title)
+elif mode.startswith("covariate: "):
     col = mode.split(": ", 1)[1]
-    color, cont, clabel = data.obs[col].to_numpy()[emb.cells], False, col
+    fig = plots.umap_scatter(emb.coords, data.obs[col].to_numpy()[emb.cells], hover=labels, color_label=col, title=title)
+else:
+    fig = plots.umap_scatter(emb.coords, labels, hover=labels, color_label="perturbation", title=title)
+fig.update_layout(dragmode="lasso")
 
-fig = plots.umap_scatter(emb.coords, color, hover=labels, color_label=clabel, continuous=cont,
-                         title=f"UMAP of {latent} latents · {bundle.label}")
-S.chart(fig, f"umap_{latent}", "latent_umap")
+event = S.chart(fig, f"umap_{latent}", "latent_umap", select=True)
+points = list(event.selection.get("points", [])) if event is not None else []
+picked = plots.selected_cells(emb.coords, points)
+st.subheader("Selected cells")
+if picked.size == 0:
+    st.caption("Draw a box or a lasso on the UMAP (toolbar, top right) to see the composition of the cells inside it.")
+else:
+    groups = {"perturbation": labels, **{c: data.obs[c].to_numpy()[emb.cells] for c in covs}}
+    comp = plots.composition_table(groups, picked)
+    st.caption(f"{picked.size:,} of {len(emb.cells):,} cells selected: share of the selection per value (blue) "
+               "beside the share among all cells shown (grey).")
+    S.chart(plots.composition_bars(comp, f"Composition of {picked.size:,} selected cells"), "selection_composition", "latent_comp")
+    S.show_table(comp, "selection_composition", "latent_comp_table")
+
 tab = pd.DataFrame({"cell": np.asarray(data.obs.index)[emb.cells] if data.obs is not None else emb.cells,
                     "perturbation": labels, "umap1": emb.coords[:, 0], "umap2": emb.coords[:, 1]})
 with st.expander("Coordinates"):

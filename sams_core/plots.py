@@ -327,3 +327,154 @@ def heatmap_orders(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Row and column orders for a heatmap (e.g. perturbations × units mask probabilities)."""
     v = np.asarray(values, dtype=np.float64)
     return cluster_order(v), cluster_order(v.T)
+
+
+# ---- latent space: values, highlight, selection ---------------------------------------------
+def umap_values(coords: np.ndarray, values: np.ndarray, hover: Sequence[str] | None = None, value_label: str = "value",
+                diverging: bool = False, title: str = "UMAP of cell latents") -> go.Figure:
+    """Cells in 2-D coloured by a number each: a gene's expression (``diverging=False``: a
+    sequential scale from 0) or a predicted effect (``diverging=True``: blue-white-red around 0).
+    Cells are drawn in order of the value so the highest are on top; selectable by box and lasso."""
+    xy = np.asarray(coords, dtype=float)
+    v = np.asarray(values, dtype=float)
+    if xy.shape[0] != v.shape[0]:
+        raise SamsError(f"{xy.shape[0]} cells but {v.shape[0]} values to colour them by.")
+    order = np.argsort(np.abs(v) if diverging else v, kind="stable")
+    lim = float(np.nanmax(np.abs(v))) if v.size and np.isfinite(v).any() else 1.0
+    marker = dict(size=4, opacity=0.8, color=v[order], colorbar=dict(title=value_label),
+                  colorscale="RdBu_r" if diverging else "Viridis")
+    if diverging:
+        marker.update(cmin=-lim, cmax=lim)
+    text = np.asarray(hover).astype(str)[order] if hover is not None else None
+    fig = go.Figure(go.Scattergl(
+        x=xy[order, 0], y=xy[order, 1], mode="markers", marker=marker, text=text, customdata=order,
+        hovertemplate=("%{text}<br>" if text is not None else "") + f"{value_label}: %{{marker.color:.3g}}<extra></extra>",
+    ))
+    fig.update_xaxes(showticklabels=False, title="UMAP 1")
+    fig.update_yaxes(showticklabels=False, title="UMAP 2", scaleanchor="x", scaleratio=1)
+    fig.update_layout(dragmode="lasso")
+    return _layout(fig, title, height=560)
+
+
+def umap_highlight(coords: np.ndarray, highlighted: np.ndarray, name: str, hover: Sequence[str] | None = None,
+                   title: str = "UMAP of cell latents") -> go.Figure:
+    """Cells in 2-D with those of one perturbation (``highlighted``, a boolean per cell) drawn in
+    colour on top of the others in grey."""
+    xy = np.asarray(coords, dtype=float)
+    h = np.asarray(highlighted, dtype=bool)
+    if h.shape[0] != xy.shape[0]:
+        raise SamsError(f"{xy.shape[0]} cells but {h.shape[0]} highlight flags.")
+    text = np.asarray(hover).astype(str) if hover is not None else np.full(xy.shape[0], "")
+    fig = go.Figure()
+    for mask, label, color, size in ((~h, "other cells", "#c8c8c8", 3), (h, name, "#d62728", 6)):
+        idx = np.flatnonzero(mask)
+        fig.add_trace(go.Scattergl(x=xy[idx, 0], y=xy[idx, 1], mode="markers", name=f"{label} ({idx.size:,})",
+                                   marker=dict(size=size, color=color, opacity=0.9 if label == name else 0.5),
+                                   text=text[idx], customdata=idx, hovertemplate="%{text}<extra></extra>"))
+    fig.update_xaxes(showticklabels=False, title="UMAP 1")
+    fig.update_yaxes(showticklabels=False, title="UMAP 2", scaleanchor="x", scaleratio=1)
+    fig.update_layout(dragmode="lasso")
+    return _layout(fig, title, height=560)
+
+
+def selected_cells(coords: np.ndarray, points: Sequence[dict]) -> np.ndarray:
+    """Positions (rows of ``coords``) of the cells a box or lasso selection picked, from the
+    selection event's points (their x and y; several cells at one spot are all taken)."""
+    xy = np.asarray(coords, dtype=float)
+    if not len(points):
+        return np.zeros(0, dtype=np.int64)
+    index: dict[tuple[float, float], list[int]] = {}
+    for i, (x, y) in enumerate(np.round(xy, 6)):
+        index.setdefault((float(x), float(y)), []).append(i)
+    out: set[int] = set()
+    for p in points:
+        key = (round(float(p.get("x", np.nan)), 6), round(float(p.get("y", np.nan)), 6))
+        out.update(index.get(key, []))
+    return np.array(sorted(out), dtype=np.int64)
+
+
+def composition_table(groups: dict[str, Sequence], selected: np.ndarray, top: int = 15) -> pd.DataFrame:
+    """Composition of the selected cells by each grouping (``{"perturbation": labels, "cell_type":
+    ...}``, one value per cell): cells and share of the selection per value, beside the share among
+    all cells (``top`` values per grouping, the rest as "other")."""
+    import pandas as pd
+
+    rows = []
+    sel = np.asarray(selected, dtype=np.int64)
+    for by, values in groups.items():
+        v = np.asarray(values).astype(str)
+        if sel.size == 0:
+            continue
+        counts = pd.Series(v[sel]).value_counts()
+        everywhere = pd.Series(v).value_counts(normalize=True)
+        kept = counts.index[:top]
+        for val in kept:
+            rows.append({"by": by, "value": val, "cells": int(counts[val]), "share": counts[val] / sel.size,
+                         "share_all_cells": float(everywhere.get(val, 0.0))})
+        rest = counts.iloc[top:].sum()
+        if rest:
+            rows.append({"by": by, "value": "other", "cells": int(rest), "share": rest / sel.size,
+                         "share_all_cells": float(everywhere.drop(kept).sum())})
+    return pd.DataFrame(rows, columns=["by", "value", "cells", "share", "share_all_cells"])
+
+
+def composition_bars(table: pd.DataFrame, title: str = "Selected cells") -> go.Figure:
+    """One panel per grouping of a :func:`composition_table`: share of the selected cells per value
+    (bars) beside the share among all cells (grey), so enrichment shows at a glance."""
+    from plotly.subplots import make_subplots
+
+    groups = list(dict.fromkeys(table["by"])) or ["(nothing selected)"]
+    fig = make_subplots(rows=1, cols=len(groups), subplot_titles=groups, horizontal_spacing=0.12)
+    for i, by in enumerate(groups, start=1):
+        t = table[table["by"] == by]
+        fig.add_trace(go.Bar(y=t["value"], x=t["share"], orientation="h", name="selected", marker_color="#1f77b4",
+                             showlegend=i == 1, customdata=t["cells"], hovertemplate="%{y}: %{x:.1%} (%{customdata} cells)<extra>selected</extra>"), 1, i)
+        fig.add_trace(go.Bar(y=t["value"], x=t["share_all_cells"], orientation="h", name="all cells", marker_color="#c8c8c8",
+                             showlegend=i == 1, hovertemplate="%{y}: %{x:.1%}<extra>all cells</extra>"), 1, i)
+        fig.update_yaxes(autorange="reversed", row=1, col=i)
+        fig.update_xaxes(tickformat=".0%", row=1, col=i)
+    fig.update_layout(barmode="group")
+    return _layout(fig, title, height=max(300, 24 * int(table.groupby("by").size().max() if len(table) else 4) + 120))
+
+
+# ---- observed differential expression and the perturbation map -------------------------------
+def de_volcano(table: pd.DataFrame, title: str = "Observed differential expression", alpha: float = 0.05,
+               min_lfc: float = 0.5, n_labels: int = 12) -> go.Figure:
+    """Observed volcano of one perturbation against its controls: log2 fold change (x) against
+    −log10 adjusted p-value (y), from a table with ``gene``, ``logfoldchange`` and ``pval_adj``
+    (:func:`sams_core.interpret.differential.observed_de`). Genes below ``alpha`` with |log2 FC|
+    at least ``min_lfc`` are coloured; p-values show in scientific notation."""
+    lfc = table["logfoldchange"].to_numpy(dtype=float)
+    padj = np.clip(table["pval_adj"].to_numpy(dtype=float), 1e-300, 1.0)
+    y = -np.log10(padj)
+    genes = table["gene"].astype(str).to_numpy()
+    up, down = (padj < alpha) & (lfc >= min_lfc), (padj < alpha) & (lfc <= -min_lfc)
+    traces = []
+    for name, keep, colour in ((f"up (adj. p < {alpha:g})", up, "#c0392b"), (f"down (adj. p < {alpha:g})", down, "#2166ac"),
+                               ("not significant", ~(up | down), "#b0b0b0")):
+        traces.append(go.Scattergl(x=lfc[keep], y=y[keep], mode="markers", name=f"{name}: {int(keep.sum())}", text=genes[keep],
+                                   customdata=padj[keep], marker=dict(color=colour, size=6),
+                                   hovertemplate="<b>%{text}</b><br>log2 FC %{x:.3f}<br>adj. p %{customdata:.2e}<extra></extra>"))
+    top = np.argsort(-(y * (np.abs(lfc) + 1e-9)), kind="stable")[:n_labels]
+    notes = [dict(x=float(lfc[i]), y=float(y[i]), text=str(genes[i]), showarrow=False, yshift=9, font=dict(size=10)) for i in top]
+    fig = go.Figure(traces, layout=dict(annotations=notes, legend_title_text="", xaxis=dict(title="observed log2 fold change"),
+                                        yaxis=dict(title="−log10 adjusted p-value")))
+    fig.add_hline(y=-np.log10(alpha), line=dict(dash="dot", color="#888888", width=1))
+    return _layout(fig, title, height=480)
+
+
+def perturbation_map(table: pd.DataFrame, title: str = "Perturbation similarity map") -> go.Figure:
+    """Perturbations as points in 2-D (columns ``perturbation``, ``x``, ``y``, ``cluster`` of
+    :func:`sams_core.interpret.differential.perturbation_map`), coloured by cluster and labelled:
+    near points move the latent space alike. Clicking a point selects it."""
+    import plotly.express as px
+
+    colours = px.colors.qualitative.Dark24
+    fig = go.Figure()
+    for i, (cl, t) in enumerate(table.groupby("cluster", sort=True)):
+        fig.add_trace(go.Scatter(x=t["x"], y=t["y"], mode="markers+text", text=t["perturbation"], textposition="top center",
+                                 name=f"cluster {cl}", marker=dict(size=11, color=colours[i % len(colours)]),
+                                 customdata=t["perturbation"], hovertemplate="<b>%{text}</b><extra>cluster " + str(cl) + "</extra>"))
+    fig.update_xaxes(showticklabels=False, title="map 1", zeroline=False)
+    fig.update_yaxes(showticklabels=False, title="map 2", zeroline=False, scaleanchor="x", scaleratio=1)
+    return _layout(fig, title, height=520)

@@ -102,6 +102,12 @@ def test_latent_page(fast_umap):
     at.selectbox(key="w_latent_color").select("unit value").run()
     ok(at)
     assert at.selectbox(key="w_latent_unit") is not None
+    for mode, key in (("gene expression", "w_latent_gene"), ("predicted effect", "w_latent_gene"),
+                      ("highlight a perturbation", "w_latent_highlight")):
+        at.selectbox(key="w_latent_color").select(mode).run()
+        ok(at)
+        assert at.selectbox(key=key).options, mode
+    assert "raw_perturbation" not in " ".join(at.selectbox(key="w_latent_color").options)
 
 
 def test_gene_programs_page():

@@ -1,0 +1,87 @@
+"""What the data says without a model: observed differential expression of a perturbation
+against its controls (scanpy's ``rank_genes_groups``), and a map of perturbations by the latent
+shifts a model learned for them.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from scipy.cluster.hierarchy import fcluster, linkage
+from scipy.spatial.distance import squareform
+
+from sams_core.data.screen import PerturbationData
+from sams_core.errors import SamsError
+
+__all__ = ["observed_de", "perturbation_map"]
+
+
+def observed_de(data: PerturbationData, condition: str, method: str = "wilcoxon", max_cells: int = 2000, seed: int = 0) -> pd.DataFrame:
+    """Differential expression of the cells of ``condition`` (a canonical label such as "KLF1" or
+    "KLF1+GATA1") against the control cells, with scanpy's ``rank_genes_groups`` on
+    library-normalised log1p expression (counts) or the data as given (Gaussian data).
+
+    Returns one row per gene, most significant first: ``gene``, ``logfoldchange`` (log2),
+    ``score``, ``pval``, ``pval_adj`` (Benjamini-Hochberg). At most ``max_cells`` cells of each
+    group are used (a fixed random subsample).
+    """
+    import anndata as ad
+    import scanpy as sc
+
+    labels = np.asarray(data.labels).astype(str)
+    cells = np.flatnonzero(labels == condition)
+    ctrl = np.flatnonzero(data.control_mask)
+    if cells.size < 2:
+        raise SamsError(f"{condition!r} has {cells.size} cells in this screen: at least 2 are needed. Choose a measured perturbation.")
+    if ctrl.size < 2:
+        raise SamsError("The screen has fewer than 2 control cells: differential expression needs controls. Check the control labels.")
+    rng = np.random.default_rng(seed)
+    cells = np.sort(rng.choice(cells, max_cells, replace=False)) if cells.size > max_cells else cells
+    ctrl = np.sort(rng.choice(ctrl, max_cells, replace=False)) if ctrl.size > max_cells else ctrl
+    idx = np.concatenate([cells, ctrl])
+    x = data.dense(idx).astype(np.float32)
+    if data.is_counts:
+        lib = np.maximum(x.sum(1, keepdims=True), 1.0)
+        x = np.log1p(1e4 * x / lib)
+    a = ad.AnnData(x)
+    a.var_names = list(data.genes)
+    a.obs["group"] = pd.Categorical(["perturbed"] * cells.size + ["control"] * ctrl.size)
+    a.uns["log1p"] = {"base": None}
+    sc.tl.rank_genes_groups(a, "group", groups=["perturbed"], reference="control", method=method)
+    r = sc.get.rank_genes_groups_df(a, group="perturbed")
+    out = pd.DataFrame({
+        "gene": r["names"].astype(str).to_numpy(),
+        "logfoldchange": r["logfoldchanges"].to_numpy(dtype=float),
+        "score": r["scores"].to_numpy(dtype=float),
+        "pval": r["pvals"].to_numpy(dtype=float),
+        "pval_adj": r["pvals_adj"].to_numpy(dtype=float),
+    })
+    out["_abs"] = -out["score"].abs()
+    return out.sort_values(["pval_adj", "_abs"], kind="stable").drop(columns="_abs").reset_index(drop=True)
+
+
+def perturbation_map(distances: pd.DataFrame, n_clusters: int | None = None) -> pd.DataFrame:
+    """Perturbations placed in 2-D by classical multidimensional scaling of their ``distances``
+    (a square table, e.g. :func:`sams_core.interpret.effects.perturbation_distances` by latent
+    shift) and clustered hierarchically (average linkage) into ``n_clusters`` groups (default:
+    about √(n/2)). Returns columns ``perturbation``, ``x``, ``y``, ``cluster`` (1, 2, ...)."""
+    d = distances.to_numpy(dtype=np.float64)
+    n = d.shape[0]
+    if d.shape != (n, n) or list(distances.index) != list(distances.columns):
+        raise SamsError("The distances must be a square table with the same perturbations as rows and columns.")
+    if n == 0:
+        return pd.DataFrame(columns=["perturbation", "x", "y", "cluster"])
+    d = (d + d.T) / 2
+    j = np.eye(n) - 1.0 / n
+    b = -0.5 * j @ (d**2) @ j
+    w, v = np.linalg.eigh(b)
+    top = np.argsort(w)[::-1][:2]
+    xy = v[:, top] * np.sqrt(np.maximum(w[top], 0))
+    if xy.shape[1] < 2:
+        xy = np.hstack([xy, np.zeros((n, 2 - xy.shape[1]))])
+    k = n_clusters or max(1, int(round(np.sqrt(n / 2))))
+    if n >= 2:
+        clusters = fcluster(linkage(squareform(d, checks=False), method="average"), t=min(k, n), criterion="maxclust")
+    else:
+        clusters = np.ones(1, dtype=int)
+    return pd.DataFrame({"perturbation": list(map(str, distances.index)), "x": xy[:, 0], "y": xy[:, 1], "cluster": clusters.astype(int)})

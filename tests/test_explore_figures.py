@@ -1,0 +1,71 @@
+"""The latent-space, differential-expression and perturbation-map figures, and the functions
+behind them, on small data."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from sams_core import plots
+from sams_core.data.screen import from_anndata
+from sams_core.errors import SamsError
+from sams_core.interpret.differential import observed_de, perturbation_map
+
+
+def test_umap_values_colours_cells_by_their_value_highest_on_top():
+    xy = np.array([[0, 0], [1, 1], [2, 2]], float)
+    fig = plots.umap_values(xy, np.array([3.0, 1.0, 2.0]), hover=["a", "b", "c"], value_label="GATA1")
+    tr = fig.data[0]
+    assert list(tr.marker.color) == [1.0, 2.0, 3.0] and list(tr.text) == ["b", "c", "a"]
+    eff = plots.umap_values(xy, np.array([-4.0, 1.0, 2.0]), diverging=True)
+    assert eff.data[0].marker.cmin == -4 and eff.data[0].marker.cmax == 4
+    with pytest.raises(SamsError):
+        plots.umap_values(xy, np.zeros(2))
+
+
+def test_highlight_draws_the_perturbations_cells_on_top():
+    xy = np.arange(10, dtype=float).reshape(5, 2)
+    fig = plots.umap_highlight(xy, np.array([0, 1, 0, 1, 0], bool), "KLF1")
+    assert [len(t.x) for t in fig.data] == [3, 2] and fig.data[1].name.startswith("KLF1 (2)")
+
+
+def test_box_selection_gives_the_cells_and_their_composition():
+    xy = np.array([[0, 0], [1, 1], [1, 1], [5, 5]], float)
+    picked = plots.selected_cells(xy, [{"x": 1.0, "y": 1.0, "point_index": 0}, {"x": 5.0, "y": 5.0}])
+    assert picked.tolist() == [1, 2, 3]
+    assert plots.selected_cells(xy, []).size == 0
+    comp = plots.composition_table({"perturbation": ["c", "A", "A", "B"], "cell_type": ["x", "y", "y", "y"]}, picked)
+    a = comp[(comp.by == "perturbation") & (comp.value == "A")].iloc[0]
+    assert a.cells == 2 and a.share == pytest.approx(2 / 3) and a.share_all_cells == pytest.approx(0.5)
+    assert comp[comp.by == "cell_type"].share.tolist() == [1.0]
+    fig = plots.composition_bars(comp)
+    assert len(fig.data) == 4  # selected and all cells, per grouping
+
+
+def test_observed_de_finds_the_genes_a_perturbation_moves(screen):
+    data = from_anndata(screen[0])
+    de = observed_de(data, "KLF1", method="t-test")
+    assert list(de.columns) == ["gene", "logfoldchange", "score", "pval", "pval_adj"]
+    assert de.pval_adj.iloc[0] < 1e-5 and de.pval_adj.is_monotonic_increasing
+    pair = observed_de(data, "GATA1+KLF1", method="t-test")
+    assert set(pair.gene) == set(data.genes)
+    with pytest.raises(SamsError, match="cells"):
+        observed_de(data, "NOT_A_PERTURBATION")
+    fig = plots.de_volcano(de, title="KLF1")
+    assert sum(len(t.x) for t in fig.data) == data.n_genes
+    assert "e}" in fig.data[0].hovertemplate  # p-values in scientific notation
+
+
+def test_perturbation_map_keeps_near_perturbations_near_and_clusters_them():
+    pts = np.array([[0, 0], [0.1, 0], [5, 5], [5.1, 5]], float)
+    d = np.linalg.norm(pts[:, None] - pts[None], axis=-1)
+    names = ["A", "B", "C", "D"]
+    m = perturbation_map(pd.DataFrame(d, index=names, columns=names), n_clusters=2)
+    xy = m[["x", "y"]].to_numpy()
+    assert np.allclose(np.linalg.norm(xy[:, None] - xy[None], axis=-1), d, atol=1e-6)
+    assert m.cluster[0] == m.cluster[1] != m.cluster[2] == m.cluster[3]
+    fig = plots.perturbation_map(m)
+    assert len(fig.data) == 2 and set(fig.data[0].text) | set(fig.data[1].text) == set(names)
+    with pytest.raises(SamsError):
+        perturbation_map(pd.DataFrame(d[:3], index=names[:3], columns=names))
