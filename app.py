@@ -24,6 +24,8 @@ PAGES = [
     st.Page("pages/4_Compose.py", title="Compose", icon=":material/join:"),
     st.Page("pages/5_Compare.py", title="Compare", icon=":material/leaderboard:"),
     st.Page("pages/6_Train.py", title="Train", icon=":material/model_training:"),
+    st.Page("pages/7_Differential_expression.py", title="Differential expression", icon=":material/volcano:",
+            url_path="Differential_expression"),
 ]
 if SETTINGS.read_only:  # SAMS_READ_ONLY=1: a shared deployment without training
     PAGES = PAGES[:-1]

@@ -232,3 +232,24 @@ def test_svae_plus_says_why_it_cannot_compose_on_every_page():
         at.run()
         ok(at)
         assert any("cannot compose a pair it never saw" in i.value for i in at.info), page
+
+
+def test_differential_expression_page_on_a_screen_without_a_model(tmp_path, screen):
+    at = open_path(own_screen(tmp_path, screen), page="pages/7_Differential_expression.py", de_method="t-test")
+    ok(at)
+    assert at.selectbox(key="w_de_cond").value == "CEBPA"  # singles first, sorted
+    assert len(at.get("plotly_chart")) == 1  # the volcano; the map needs a model
+    df = at.dataframe[0].value
+    assert df["pval_adj"].is_monotonic_increasing and df["pval_adj"].iloc[0] < 1e-3
+    assert any("No model for this screen" in i.value for i in at.info)
+
+
+def test_differential_expression_page_maps_the_models_perturbations():
+    at = AppTest.from_file(str(ROOT / "pages/7_Differential_expression.py"), default_timeout=180)
+    at.query_params["demo"] = "simulated"
+    at.query_params["de_method"] = "t-test"
+    at.run()
+    ok(at)
+    assert len(at.get("plotly_chart")) == 2
+    table = at.dataframe[1].value
+    assert {"perturbation", "x", "y", "cluster"} <= set(table.columns) and table.cluster.nunique() >= 2
