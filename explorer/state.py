@@ -880,6 +880,32 @@ def show_table(df: pd.DataFrame, name: str, key: str, index: bool = False, heigh
     table_download(df, name, key, index)
 
 
+def export_h5ad_bytes(sel: Selection, umap: bool = True) -> bytes:
+    """The screen with everything the chosen model learned (latents, UMAP, masks, embeddings,
+    loadings) as the bytes of an ``.h5ad`` file: what ``python -m sams_core export`` writes."""
+    from sams_core.interpret.writeback import export_screen, write_h5ad
+
+    adata = _adata(*sel.data_src)
+    bundle = _bundle(*sel.models[sel.model_name])
+    data, _ = _aligned(f"{sel.model_name}:{bundle.checksum()}", sel.data_src[0], bundle, adata)
+    check_same_screen(bundle.manifest, data, sel.model_name, sel.data_label)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = write_h5ad(export_screen(adata, bundle, data, umap=umap), Path(tmp) / "export.h5ad")
+        return path.read_bytes()
+
+
+def export_button(sel: Selection, key: str) -> None:
+    """A download button for :func:`export_h5ad_bytes` (the file is made only when clicked)."""
+    if sel.model_name is None or sel.data_src is None:
+        return
+    st.download_button(
+        "Export screen with results (.h5ad)", data=lambda: export_h5ad_bytes(sel), file_name=f"{download_name('screen_with_sams')}.h5ad",
+        mime="application/x-hdf5", key=f"export_{key}", on_click="ignore", icon=":material/download:",
+        help="the screen with obsm['X_sams'] (latents), obsm['X_sams_umap'] (UMAP), and the model's masks, embeddings and "
+             "unit loadings in uns['sams'], for scanpy. Command line: python -m sams_core export BUNDLE DATA --out FILE.h5ad",
+    )
+
+
 def guarded(fn: Callable[[], Any]) -> Any:
     """Run ``fn``; a SamsError (or anything else) becomes an ``st.error`` message, not a traceback."""
     try:
@@ -917,5 +943,5 @@ __all__ = [
     "mask_truth", "run_bundles", "demo_bundles", "RUNS_DIR", "report_unexpected",
     "DataSettings", "data_settings_widgets", "screen_data", "screen_obs", "screen_hash", "file_hash", "run_label",
     "check_same_screen", "capability_note", "screen_counts", "condition_table", "predicted_effects", "observed_de",
-    "perturbation_map", "open_page", "download_name", "family_note", "covariate_candidates", "detected_settings",
+    "perturbation_map", "open_page", "download_name", "export_h5ad_bytes", "export_button", "family_note", "covariate_candidates", "detected_settings",
 ]

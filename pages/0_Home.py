@@ -108,6 +108,7 @@ with right:
             f"**Split**: {spec.get('kind')} (fraction {spec.get('fraction')}, seed {spec.get('seed')}); "
             f"held out: {', '.join(spec.get('test_conditions', [])[:12]) or '—'}"
         )
+    S.export_button(sel, "home")
     with st.expander("Hyper-parameters"):
         hparams = manifest.get("hparams") or {}
         st.markdown(markdown_table([["hyper-parameter", "value"], *([k, str(v)] for k, v in hparams.items())]))

@@ -1,4 +1,4 @@
-"""Command line: ``python -m sams_core {train,evaluate,predict,write-back,simulate,build-demo} ...``.
+"""Command line: ``python -m sams_core {train,evaluate,predict,write-back,export,simulate,build-demo} ...``.
 
 For people who train on a cluster and only browse in the app. Every subcommand explains its
 options with ``--help``; bad input ends with the message of the problem and exit code 2.
@@ -252,6 +252,17 @@ def _parser() -> argparse.ArgumentParser:
     w.add_argument("--key", default="X_sams", help="obsm key of the latents (default X_sams)")
     w.add_argument("--loadings", action="store_true", help="also store each latent unit's gene loadings in uns['sams']")
 
+    x = sub.add_parser("export", help="the screen with everything the model learned, as one .h5ad for scanpy",
+                       description="Read the screen the bundle was trained on and save a copy (atomically) with the cells' "
+                       "latents in obsm['X_sams'] and obsm['X_sams_basal'], a UMAP of them in obsm['X_sams_umap'] (and "
+                       "obsm['X_umap'] when the screen has none), and the masks, embeddings, unit loadings and what the "
+                       "model is in uns['sams']. The same file as the dashboard's Export button.")
+    x.add_argument("bundle", help="a .sams bundle file or folder")
+    x.add_argument("data", help="the .h5ad screen the bundle was trained on")
+    x.add_argument("--out", required=True, help="the .h5ad file to write (the screen itself is never changed)")
+    x.add_argument("--no-umap", action="store_true", help="leave out the UMAP (slow on millions of cells)")
+    x.add_argument("--seed", type=int, default=0, help="seed of the UMAP (default 0)")
+
     sub.add_parser("simulate", help="simulate a screen with ground truth (see simulate --help)", add_help=False)
     sub.add_parser("build-demo", help="rebuild the shipped demos: the real screen (assets/demo_real) and the simulated one (assets/demo), screens and bundles (see build-demo --help)", add_help=False)
     return ap
@@ -391,6 +402,23 @@ def _cmd_write_back(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from sams_core.data.screen import read_anndata
+    from sams_core.interpret.writeback import export_screen, write_h5ad
+    from sams_core.io.bundle import load_bundle
+    from sams_core.pipeline import data_for_bundle
+
+    if not str(args.out).lower().endswith(".h5ad"):
+        raise SamsError(f"--out {args.out} does not end in .h5ad. Name the output file NAME.h5ad.")
+    bundle = load_bundle(args.bundle)
+    adata = read_anndata(args.data)
+    data = data_for_bundle(bundle, adata)
+    out = write_h5ad(export_screen(adata, bundle, data, umap=not args.no_umap, seed=args.seed), args.out)
+    print(f"wrote {out}: {adata.n_obs} cells with obsm['X_sams']" + ("" if args.no_umap else ", a UMAP")
+          + f" and uns['sams'] ({bundle.label})", file=sys.stderr)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -405,7 +433,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = _parser().parse_args(argv)
         args.argv = argv  # --devices relaunches the same command line under torchrun
-        return {"train": _cmd_train, "evaluate": _cmd_evaluate, "predict": _cmd_predict, "write-back": _cmd_write_back}[args.command](args)
+        return {"train": _cmd_train, "evaluate": _cmd_evaluate, "predict": _cmd_predict, "write-back": _cmd_write_back,
+                "export": _cmd_export}[args.command](args)
     except SamsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

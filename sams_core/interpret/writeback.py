@@ -20,9 +20,11 @@ import torch
 from sams_core.data.batches import DeviceData, condition_ids
 from sams_core.data.screen import PerturbationData
 from sams_core.errors import SamsError
+from sams_core.interpret.embed import umap_embedding
+from sams_core.interpret.programs import unit_loadings
 from sams_core.io.bundle import ModelBundle
 
-__all__ = ["write_back", "write_h5ad"]
+__all__ = ["export_screen", "write_back", "write_h5ad"]
 
 
 @torch.no_grad()
@@ -52,6 +54,35 @@ def write_back(adata: Any, bundle: ModelBundle, data: PerturbationData, loadings
         uns["unit_loading_genes"] = np.array(loadings.columns, dtype=str)
     adata.uns["sams"] = uns
     return adata
+
+
+def export_screen(adata: Any, bundle: ModelBundle, data: PerturbationData, umap: bool = True, loadings: bool = True,
+                  key: str = "X_sams", seed: int = 0) -> Any:
+    """The screen with everything the model learned, ready for scanpy (a copy; ``adata`` is left
+    as it was): :func:`write_back`'s latents in ``obsm[key]`` and ``obsm[key + "_basal"]``, masks
+    and embeddings in ``uns["sams"]``, with ``umap`` a UMAP of all cells' latents in
+    ``obsm["X_umap"]`` (scanpy's name, so ``sc.pl.umap`` draws it; an existing ``X_umap`` is kept
+    and the model's goes to ``obsm[key + "_umap"]``), with ``loadings`` each unit's gene loadings,
+    and what the model is (label, family, run, the data hash it was trained on) in ``uns["sams"]``.
+    """
+    out = adata.copy()
+    write_back(out, bundle, data, unit_loadings(bundle, data) if loadings else None, key=key)
+    if umap:
+        emb = umap_embedding(bundle, data, latent="full", max_cells=data.n_cells, seed=seed)
+        coords = np.full((data.n_cells, 2), np.nan, dtype=np.float32)
+        coords[emb.cells] = emb.coords
+        out.obsm[key + "_umap"] = coords
+        if "X_umap" not in out.obsm:
+            out.obsm["X_umap"] = coords
+    uns = out.uns["sams"]
+    uns["perturbations"] = np.array(bundle.perturbations, dtype=str)
+    uns["n_latent"] = int(bundle.n_latent)
+    manifest = bundle.manifest
+    run = manifest.get("run") or {}
+    uns["run"] = {k: str(v) for k, v in run.items()}
+    uns["trained_on_checksum"] = str((manifest.get("data") or {}).get("checksum", ""))
+    uns["model_checksum"] = bundle.checksum()
+    return out
 
 
 def write_h5ad(adata: Any, path: str | Path) -> Path:
