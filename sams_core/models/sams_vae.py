@@ -83,11 +83,10 @@ class SAMSVAE(PerturbationModel):
             temperature=temperature, mask_init_logit=mask_init_logit,
             global_weight=global_weight, align_at=align_at,
             warmup_global_weight=warmup_global_weight, align_mask_logit=align_mask_logit,
-            sparsify_weight=sparsify_weight, sparsify_for=sparsify_for,
+            sparsify_weight=sparsify_weight, sparsify_for=sparsify_for, covariate_shift=covariate_shift,
             **common,
         )
         if covariate_shift:
-            self.hparams["covariate_shift"] = True
             if not self.covariate_sizes:
                 raise SamsError(
                     "covariate_shift lets a perturbation's shift depend on the covariate level, but this model has no "
