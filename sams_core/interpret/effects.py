@@ -11,7 +11,7 @@ compares perturbations by their masks or latent shifts. Combinations are named a
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,7 +21,7 @@ from scipy.spatial.distance import pdist, squareform
 
 from sams_core.errors import SamsError
 from sams_core.evaluation.baselines import additive_baseline
-from sams_core.evaluation.metrics import model_ate_draws
+from sams_core.evaluation.metrics import LIBRARY_SCALE, ate_transform, model_ate_draws, seeded
 from sams_core.io.bundle import ModelBundle
 from sams_core.labels import (
     Combination,
@@ -29,11 +29,15 @@ from sams_core.labels import (
     canonical_label,
     combination_label,
     dosage_rows,
+    perturbation_order,
     split_label,
 )
 
 __all__ = [
+    "MAX_PAIRS",
+    "REFINE_TOP",
     "EffectPrediction",
+    "candidate_pairs",
     "compare_with_data",
     "perturbation_distances",
     "predict_effect",
@@ -176,6 +180,78 @@ def compare_with_data(prediction: EffectPrediction, observed: pd.DataFrame | Non
 
 # ---------------------------------------------------------------------------------------------
 # which combination to measure next
+#: Candidate pairs scored by the first (decoding) pass unless the caller asks for more; above
+#: it, pairs are first chosen by how much their members' latent shifts overlap (no decoding).
+MAX_PAIRS = 5000
+#: Pairs re-scored with full posterior draws (interval, uncertainty) unless asked for more.
+REFINE_TOP = 50
+
+#: ``progress(message, fraction)`` told about a long computation.
+Progress = Callable[[str, float], None]
+
+RANK_COLUMNS = ["pair", "interaction_score", "uncertainty", "effect_norm", "refined", "rank_interaction", "rank_uncertainty"]
+
+
+@torch.no_grad()
+def _paired_ate(model, d_sets: Sequence[np.ndarray], globals_: dict, n_per_global: int, seed: int, is_counts: bool) -> list[torch.Tensor]:
+    """ATE-scale expected expression [draws, R, G] of several dosage blocks of the same R rows,
+    every block decoded with the same global draws and, under the same seed, the same basal
+    draws at each row position (the families draw z_b per (draw, row)), so row i of one block
+    and row i of another differ only by their dosages: paired Monte-Carlo draws."""
+    dev = model.input_mean.device
+    out = []
+    for d in d_sets:
+        with seeded(dev, seed):
+            o = model.predict(torch.as_tensor(d, device=dev), globals_, n_per_global)
+            out.append(ate_transform(model.likelihood.mean(o, LIBRARY_SCALE), LIBRARY_SCALE, is_counts))
+    return out
+
+
+def _pair_pass(model, pairs: np.ndarray, n_perts: int, globals_: dict, n_per_global: int, seed: int, is_counts: bool,
+               chunk: int, keep_draws: bool, progress: Progress | None, lo: float, hi: float) -> dict[str, np.ndarray]:
+    """Interaction score, effect norm (and with ``keep_draws`` the interval width) of ``pairs``
+    ([P, 2] perturbation positions), chunk by chunk with paired draws (see :func:`_paired_ate`)."""
+    n = len(pairs)
+    res = {k: np.zeros(n) for k in ("interaction_score", "effect_norm", "uncertainty")}
+    eye = np.eye(n_perts, dtype=np.float32)
+    ctrl = None
+    for start in range(0, n, chunk):
+        part = pairs[start : start + chunk]
+        r = len(part)
+        da, db = eye[part[:, 0]], eye[part[:, 1]]
+        pad = chunk - r  # every block has `chunk` rows, so row positions (and their z_b) line up across chunks
+        blocks = [np.vstack([x, np.zeros((pad, n_perts), np.float32)]) for x in (da + db, da, db)]
+        if ctrl is None:
+            ctrl = _paired_ate(model, [np.zeros((chunk, n_perts), np.float32)], globals_, n_per_global, seed, is_counts)[0]
+        vab, va, vb = _paired_ate(model, blocks, globals_, n_per_global, seed, is_counts)
+        s_draws = vab.shape[0] // n_per_global
+        eff = (vab - ctrl).reshape(s_draws, n_per_global, chunk, -1).mean(1)[:, :r]  # [S, r, G]
+        inter = (vab - va - vb + ctrl).reshape(s_draws, n_per_global, chunk, -1).mean(1)[:, :r].mean(0)
+        mean = eff.mean(0)
+        norm = torch.linalg.vector_norm(mean, dim=-1)
+        res["effect_norm"][start : start + r] = norm.cpu().numpy()
+        res["interaction_score"][start : start + r] = torch.where(
+            norm > 0, torch.linalg.vector_norm(inter, dim=-1) / norm.clamp_min(1e-12), torch.zeros_like(norm)).cpu().numpy()
+        if keep_draws and s_draws > 1:
+            q = torch.quantile(eff.float(), torch.tensor([0.05, 0.95], device=eff.device), dim=0)
+            res["uncertainty"][start : start + r] = (q[1] - q[0]).mean(-1).cpu().numpy()
+        else:
+            res["uncertainty"][start : start + r] = np.nan
+        if progress:
+            progress(f"scored {min(start + chunk, n):,} of {n:,} pairs", lo + (hi - lo) * min(start + chunk, n) / n)
+    return res
+
+
+def candidate_pairs(bundle: ModelBundle, measured: Sequence[str]) -> tuple[list[str], int]:
+    """The measured singles (in the model's order) and how many unmeasured pairs they make."""
+    order = perturbation_order(bundle.perturbations)
+    meas = {canonical_label(split_label(m), order) for m in map(str, measured)}
+    singles = [p for p in bundle.perturbations if p in meas]
+    have = set(singles)
+    n_measured_pairs = sum(1 for m in meas if m.count("+") == 1 and all(x in have for x in m.split("+")))
+    return singles, len(singles) * (len(singles) - 1) // 2 - n_measured_pairs
+
+
 def rank_unmeasured_pairs(
     bundle: ModelBundle,
     measured: Sequence[str],
@@ -183,39 +259,83 @@ def rank_unmeasured_pairs(
     n_per_global: int = 4,
     seed: int = 0,
     chunk: int = 64,
+    max_pairs: int | None = MAX_PAIRS,
+    refine: int | None = REFINE_TOP,
+    first_pass_draws: int = 4,
+    progress: Progress | None = None,
 ) -> pd.DataFrame:
-    """Unmeasured pairs of measured singles ranked by predicted interaction and uncertainty.
+    """Unmeasured pairs of measured singles ranked by predicted interaction, then uncertainty.
 
-    ``measured`` lists the condition labels with cells. For every pair of measured singles that
-    is not itself measured: the interaction score (norm of combination minus the sum of its
-    singles, relative to the combination's norm), the mean width of the 90 % interval of the
-    combination's effect (uncertainty), and their ranks (1 = strongest / most uncertain).
+    ``measured`` lists the condition labels with cells. Every pair of measured singles that is
+    not itself measured is a candidate, scored in up to three passes, each with *paired* draws
+    (the same global draws and, position by position, the same basal draws for a pair, its two
+    members and the control, so that neither a pair's interaction nor the order of two pairs is
+    Monte-Carlo noise):
+
+    1. above ``max_pairs`` candidates (None: no cap), the ``max_pairs`` pairs whose members'
+       expected latent shifts overlap most (Σ_k |s_a,k|·|s_b,k|, no decoding) go on;
+    2. a first pass at the posterior-mean globals with ``first_pass_draws`` basal draws scores
+       each: interaction score ‖pair − a − b + control‖ / ‖pair − control‖ (ATE scale) and
+       effect norm;
+    3. the ``refine`` pairs with the largest first-pass interaction (None: all) are scored again
+       with ``n_globals`` × ``n_per_global`` posterior draws: interaction, effect norm, and the
+       mean width of the 90 % interval of the pair's effect (``uncertainty``).
+
+    Columns: ``pair``, ``interaction_score``, ``uncertainty`` (NaN when not refined),
+    ``effect_norm``, ``refined``, ``rank_interaction`` (refined pairs first, by their refined
+    score; then the others by their first-pass score) and ``rank_uncertainty`` (among the
+    refined pairs). ``progress(message, fraction)`` is told how far it is.
     """
-    meas = {canonical_label(split_label(m), bundle.perturbations) for m in map(str, measured)}
-    singles = [p for p in bundle.perturbations if p in meas]
-    pairs = [(a, b) for i, a in enumerate(singles) for b in singles[i + 1 :] if canonical_label((a, b), bundle.perturbations) not in meas]
-    cols = ["pair", "interaction_score", "uncertainty", "effect_norm", "rank_interaction", "rank_uncertainty"]
-    if not pairs:
-        return pd.DataFrame(columns=cols)
-    single_rows = dosage_rows(singles, bundle.perturbations)
-    sdraw = model_ate_draws(bundle.model, single_rows, bundle.is_counts, n_globals, n_per_global, seed)  # [S, n_singles, G]
-    pos = {s: i for i, s in enumerate(singles)}
-    out = []
-    for start in range(0, len(pairs), chunk):
-        part = pairs[start : start + chunk]
-        d = dosage_rows([[a, b] for a, b in part], bundle.perturbations)
-        draws = model_ate_draws(bundle.model, d, bundle.is_counts, n_globals, n_per_global, seed)
-        for r, (a, b) in enumerate(part):
-            eff = draws[:, r]
-            inter = (eff - sdraw[:, pos[a]] - sdraw[:, pos[b]]).mean(0)
-            mean = eff.mean(0)
-            norm = float(np.linalg.norm(mean))
-            width = float((np.quantile(eff, 0.95, axis=0) - np.quantile(eff, 0.05, axis=0)).mean())
-            out.append({"pair": canonical_label((a, b), bundle.perturbations), "interaction_score": float(np.linalg.norm(inter)) / norm if norm > 0 else 0.0, "uncertainty": width, "effect_norm": norm})
-    t = pd.DataFrame(out)
-    t["rank_interaction"] = t["interaction_score"].rank(ascending=False, method="min").astype(int)
-    t["rank_uncertainty"] = t["uncertainty"].rank(ascending=False, method="min").astype(int)
-    return t.sort_values(["rank_interaction", "rank_uncertainty"]).reset_index(drop=True)[cols]
+    singles, _ = candidate_pairs(bundle, measured)
+    order = perturbation_order(bundle.perturbations)
+    meas = {canonical_label(split_label(m), order) for m in map(str, measured)}
+    idx = np.array([order[p] for p in singles], dtype=np.int64)
+    if idx.size < 2:
+        return pd.DataFrame(columns=RANK_COLUMNS)
+    ii, jj = np.triu_indices(idx.size, k=1)
+    pairs = np.stack([idx[ii], idx[jj]], axis=1)
+    if any("+" in m for m in meas):
+        names = np.array(bundle.perturbations, dtype=object)
+        is_measured = np.fromiter((canonical_label((a, b), order) in meas for a, b in zip(names[pairs[:, 0]], names[pairs[:, 1]])), bool, len(pairs))
+        pairs = pairs[~is_measured]
+    if len(pairs) == 0:
+        return pd.DataFrame(columns=RANK_COLUMNS)
+    model = bundle.model
+    dev = model.input_mean.device
+    model.eval()
+    if max_pairs is not None and len(pairs) > max_pairs:
+        if progress:
+            progress(f"choosing {max_pairs:,} of {len(pairs):,} pairs by overlapping latent shifts", 0.02)
+        with torch.no_grad():
+            shifts = model.latent_shift(torch.eye(len(bundle.perturbations), device=dev)).abs().cpu().numpy()
+        overlap = np.einsum("pk,pk->p", shifts[pairs[:, 0]], shifts[pairs[:, 1]])
+        pairs = pairs[np.sort(np.argpartition(-overlap, max_pairs - 1)[:max_pairs])]
+    with torch.no_grad(), seeded(dev, seed):
+        mean_g = model.mean_globals()
+        draw_g = model.sample_globals(n_globals)
+    n_ref = len(pairs) if refine is None else min(refine, len(pairs))
+    split_at = 0.7 if n_ref else 1.0
+    first = _pair_pass(model, pairs, len(bundle.perturbations), mean_g, first_pass_draws, seed, bundle.is_counts,
+                       chunk, False, progress, 0.05, split_at)
+    t = pd.DataFrame(first)
+    t.insert(0, "pair", [canonical_label((bundle.perturbations[a], bundle.perturbations[b]), order) for a, b in pairs])
+    t["refined"] = False
+    if n_ref:
+        top = np.argsort(-t["interaction_score"].to_numpy(), kind="stable")[:n_ref]
+        again = _pair_pass(model, pairs[top], len(bundle.perturbations), draw_g, n_per_global, seed + 1, bundle.is_counts,
+                           min(chunk, n_ref), True, progress, split_at, 1.0)
+        for k, v in again.items():
+            t.loc[t.index[top], k] = v
+        t.loc[t.index[top], "refined"] = True
+    t = t.sort_values(["refined", "interaction_score"], ascending=[False, False], kind="stable").reset_index(drop=True)
+    t["rank_interaction"] = np.arange(1, len(t) + 1)
+    ref = t["refined"].to_numpy()
+    ru = pd.Series(pd.NA, index=t.index, dtype="Int64")
+    ru[ref] = t.loc[ref, "uncertainty"].rank(ascending=False, method="min").astype(int)
+    t["rank_uncertainty"] = ru
+    if progress:
+        progress(f"ranked {len(t):,} pairs ({int(ref.sum())} refined)", 1.0)
+    return t[RANK_COLUMNS]
 
 
 # ---------------------------------------------------------------------------------------------
