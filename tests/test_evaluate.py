@@ -38,12 +38,21 @@ from sams_core.training.trainer import TrainConfig
 
 def test_ate_transform_and_data_ate_by_hand(screen):
     data = from_anndata(screen[0])
-    ate = data_ate(data)
+    ate = data_ate(data, match_covariates=False)
     x = data.dense()
     v = np.log2(1 + 1e4 * x / data.library[:, None])
     ref = v[data.labels == "KLF1"].mean(0) - v[data.control_mask].mean(0)
     np.testing.assert_allclose(ate.loc["KLF1"].to_numpy(), ref, rtol=1e-4, atol=1e-4)
     assert "control" not in ate.index
+    # the screen's obs['batch'] is a covariate: by default each cell is compared with the controls
+    # of its own batch, and a condition's effect is the cell-weighted mean over batches
+    assert data.covariates == {"batch": ["b1", "b2"]}
+    lv = data.level_of_cells()
+    klf1 = data.labels == "KLF1"
+    per = [v[klf1 & (lv == b)].mean(0) - v[data.control_mask & (lv == b)].mean(0) for b in ("b1", "b2")]
+    n = [(klf1 & (lv == b)).sum() for b in ("b1", "b2")]
+    matched = (n[0] * per[0] + n[1] * per[1]) / (n[0] + n[1])
+    np.testing.assert_allclose(data_ate(data).loc["KLF1"].to_numpy(), matched, rtol=1e-4, atol=1e-4)
     assert ate_transform(np.array([[1.0]]), np.array([1e4]), True)[0, 0] == pytest.approx(1.0)
 
 
