@@ -239,6 +239,7 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--perturbations", nargs="+", required=True, help="combinations as labels, e.g. KLF1 KLF1+GATA1 (A:0.5+B for dosage 0.5)")
     pr.add_argument("--samples", type=_whole(1), default=2000, help="posterior-predictive cells per combination (default 2000)")
     pr.add_argument("--level", type=_real(0, 1, high_open=True), default=0.9, help="credible interval level (default 0.9)")
+    pr.add_argument("--covariate-level", default=None, metavar="LEVEL", help="predict in this level of the model's first covariate (e.g. a cell type); default: pooled over its levels")
     pr.add_argument("--seed", type=int, default=0, help="seed (default 0)")
     pr.add_argument("--out", default=None, help="CSV file (default: print to stdout)")
 
@@ -365,7 +366,10 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         raise SamsError("An empty combination was given to --perturbations. Name perturbations, e.g. KLF1 or KLF1+GATA1 (control for none).")
     d = dosage_rows(args.perturbations, bundle.perturbations)
     per = max(1, args.samples // 100)
-    draws = model_ate_draws(bundle.model, d, bundle.is_counts, n_globals=100, n_per_global=per, seed=args.seed)
+    draws = model_ate_draws(
+        bundle.model, d, bundle.is_counts, n_globals=100, n_per_global=per, seed=args.seed,
+        covariate_level=bundle.level_index(args.covariate_level),
+    )
     lo_q, hi_q = (1 - args.level) / 2, 1 - (1 - args.level) / 2
     frames = []
     for r, label in enumerate(args.perturbations):
