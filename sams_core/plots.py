@@ -7,6 +7,7 @@ this module makes ``plotly_white`` Plotly's default template.
 
 from __future__ import annotations
 
+import warnings
 from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
@@ -64,12 +65,56 @@ def matrix_heatmap(
         z=v[np.ix_(ro, co)], x=c, y=r, colorscale=colorscale, zmin=zmin, zmax=zmax, zmid=zmid,
         colorbar=dict(title=colorbar), hovertemplate="%{y} · %{x}<br>%{z:.3f}<extra></extra>",
     ))
-    fig.update_yaxes(autorange="reversed", type="category")
+    many = len(r) > TALL_HEATMAP  # thousands of rows: one screen-high chart, names on hover, zoom in with a box
+    fig.update_yaxes(autorange="reversed", type="category", showticklabels=not many)
     fig.update_xaxes(type="category", side="bottom")
     if highlight is not None and highlight in r:
         fig.add_shape(type="rect", xref="paper", x0=0, x1=1, yref="y", y0=r.index(highlight) - 0.5,
                       y1=r.index(highlight) + 0.5, line=dict(color="crimson", width=2))
-    return _layout(fig, title, height=max(300, 22 * len(r) + 120))
+    if many:
+        fig.update_layout(dragmode="zoom")
+    return _layout(fig, title, height=900 if many else max(300, 22 * len(r) + 120))
+
+
+#: Above this many rows a heatmap is drawn screen-high with row names on hover (zoom to read them).
+TALL_HEATMAP = 120
+#: Rows a perturbation heatmap shows unless the whole matrix is asked for.
+HEATMAP_ROWS = 60
+#: What the rows of a mask / embedding heatmap can be ranked by (:func:`row_scores`).
+ROW_STATISTICS = ("targeted units", "largest mask probability", "shift size")
+
+
+def row_scores(statistic: str, probs: np.ndarray | None = None, embeddings: np.ndarray | None = None,
+               threshold: float = 0.5) -> np.ndarray:
+    """One number per perturbation (row) to rank heatmap rows by: ``"targeted units"`` (units
+    with mask probability ≥ ``threshold``, ties broken by the summed probability), ``"largest
+    mask probability"``, or ``"shift size"`` (norm of the expected shift, mask probability ×
+    embedding; the embedding alone for models without masks)."""
+    if statistic not in ROW_STATISTICS:
+        raise SamsError(f"Unknown statistic {statistic!r}: use one of {', '.join(ROW_STATISTICS)}.")
+    if statistic != "shift size" and probs is None:
+        raise SamsError(f"{statistic!r} needs mask probabilities; rank a model without masks by 'shift size'.")
+    if statistic == "targeted units":
+        p = np.asarray(probs, dtype=float)
+        return (p >= threshold).sum(1) + p.sum(1) / (p.shape[1] + 1)
+    if statistic == "largest mask probability":
+        return np.asarray(probs, dtype=float).max(1)
+    if embeddings is None:
+        raise SamsError("'shift size' needs the model's embeddings.")
+    e = np.asarray(embeddings, dtype=float)
+    return np.linalg.norm(e * np.asarray(probs, dtype=float) if probs is not None else e, axis=1)
+
+
+def heatmap_rows(names: Sequence[str], scores: np.ndarray, query: str = "", top: int | None = HEATMAP_ROWS) -> np.ndarray:
+    """Positions of the rows a heatmap shows: the rows whose name contains ``query`` (a
+    case-insensitive substring; all when empty), the ``top`` of them by ``scores`` (highest first;
+    None: every matching row, in the list's order)."""
+    q = query.strip().lower()
+    keep = np.array([i for i, n in enumerate(names) if q in str(n).lower()], dtype=np.int64) if q else np.arange(len(names))
+    if top is None or keep.size <= top:
+        return keep if top is None else keep[np.argsort(-np.asarray(scores, dtype=float)[keep], kind="stable")]
+    sc = np.asarray(scores, dtype=float)[keep]
+    return keep[np.argsort(-sc, kind="stable")[:top]]
 
 
 def mask_heatmap(
@@ -171,8 +216,7 @@ def umap_scatter(
     df[color_label] = np.asarray(color) if continuous else np.asarray(color).astype(str)
     df["perturbation"] = np.asarray(hover).astype(str) if hover is not None else df[color_label]
     if not continuous and df[color_label].nunique() > max_categories:
-        top = df[color_label].value_counts().index[: max_categories - 1]
-        df[color_label] = df[color_label].where(df[color_label].isin(top), "other")
+        df[color_label] = colour_groups(df[color_label].to_numpy(), "", max_categories)
     hover_data = {"perturbation": True, "UMAP 1": False, "UMAP 2": False}
     if color_label != "perturbation":
         hover_data[color_label] = True
@@ -182,12 +226,25 @@ def umap_scatter(
     else:
         order = sorted(df[color_label].unique(), key=lambda s: (s in ("control", "other"), s))
         fig = px.scatter(df, x="UMAP 1", y="UMAP 2", color=color_label, hover_data=hover_data,
-                         category_orders={color_label: order},
+                         category_orders={color_label: order}, color_discrete_map={"other": "#d0d0d0"},
                          color_discrete_sequence=px.colors.qualitative.Dark24 + px.colors.qualitative.Light24)
     fig.update_traces(marker=dict(size=4, opacity=0.75))
     fig.update_xaxes(showticklabels=False)
     fig.update_yaxes(showticklabels=False, scaleanchor="x", scaleratio=1)
     return _layout(fig, title, height=560)
+
+
+def colour_groups(labels: Sequence[str] | np.ndarray, query: str = "", max_categories: int = 30) -> np.ndarray:
+    """Each cell's colour group on a scatter of many conditions: its own label for at most
+    ``max_categories - 1`` labels — those containing ``query`` (case-insensitive substring), or all
+    when it is empty, the ones with most cells first — and ``"other"`` for the rest."""
+    lab = np.asarray(labels).astype(str)
+    names, counts = np.unique(lab, return_counts=True)
+    q = query.strip().lower()
+    ok = np.array([q in n.lower() for n in names], dtype=bool) if q else np.ones(names.size, bool)
+    cand = np.flatnonzero(ok)
+    chosen = names[cand[np.argsort(-counts[cand], kind="stable")[: max_categories - 1]]]
+    return np.where(np.isin(lab, chosen), lab, "other")
 
 
 def top_genes_bar(table: pd.DataFrame, n: int = 20, value: str = "effect", title: str | None = None,
@@ -308,9 +365,44 @@ def figure_bytes(fig: go.Figure, fmt: str, width: int | None = None, height: int
     if fmt not in FORMATS:
         raise SamsError(f"Unknown figure format {fmt!r}: use one of {', '.join(FORMATS)}.")
     try:
-        return fig.to_image(format=fmt, width=width, height=height, scale=scale if fmt == "png" else 1)
+        _export_browser()
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="The kopts argument is ignored")
+            return _static(fig).to_image(format=fmt, width=width, height=height, scale=scale if fmt == "png" else 1)
     except Exception as e:  # kaleido needs Chrome/Chromium
         raise SamsError(f"Could not export the figure as {fmt.upper()}: {e}. Install Chromium (kaleido uses it) or download HTML.") from e
+
+
+_EXPORT_BROWSER: list[bool] = []
+
+
+def _export_browser() -> None:
+    """Keep one Kaleido browser running for this process (kaleido ≥ 1: its sync server), so a
+    figure export after the first takes a fraction of a second instead of starting Chromium."""
+    if _EXPORT_BROWSER:
+        return
+    _EXPORT_BROWSER.append(True)
+    try:
+        import atexit
+
+        import kaleido
+
+        kaleido.start_sync_server(silence_warnings=True)
+        atexit.register(kaleido.stop_sync_server, silence_warnings=True)
+    except Exception:  # noqa: BLE001 - an older kaleido: each export starts its own browser
+        pass
+
+
+def _static(fig: go.Figure) -> go.Figure:
+    """``fig`` with WebGL scatter traces drawn as SVG scatter traces (the same picture): a
+    headless browser without a GPU renders WebGL in software, several times slower."""
+    if not any(t.type == "scattergl" for t in fig.data):
+        return fig
+    d = fig.to_dict()
+    for t in d["data"]:
+        if t.get("type") == "scattergl":
+            t["type"] = "scatter"
+    return go.Figure(d)
 
 
 def cluster_order(matrix: np.ndarray, method: str = "average") -> np.ndarray:
@@ -320,7 +412,8 @@ def cluster_order(matrix: np.ndarray, method: str = "average") -> np.ndarray:
     m = np.asarray(matrix, dtype=np.float64)
     if m.shape[0] < 3:
         return np.arange(m.shape[0])
-    return leaves_list(linkage(m, method=method, optimal_ordering=True))
+    # the optimal leaf order costs seconds above a few hundred rows; plain linkage order there
+    return leaves_list(linkage(m, method=method, optimal_ordering=m.shape[0] <= 400))
 
 
 def heatmap_orders(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

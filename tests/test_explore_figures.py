@@ -69,3 +69,11 @@ def test_perturbation_map_keeps_near_perturbations_near_and_clusters_them():
     assert len(fig.data) == 2 and set(fig.data[0].text) | set(fig.data[1].text) == set(names)
     with pytest.raises(SamsError):
         perturbation_map(pd.DataFrame(d[:3], index=names[:3], columns=names))
+
+
+def test_webgl_scatter_exports_as_the_same_svg_scatter():
+    fig = plots.umap_values(np.array([[0, 0], [1, 1]], float), np.array([1.0, 2.0]))
+    assert fig.data[0].type == "scattergl"
+    static = plots._static(fig)
+    assert static.data[0].type == "scatter" and list(static.data[0].x) == list(fig.data[0].x)
+    assert fig.data[0].type == "scattergl"  # the shown figure is left as it was
