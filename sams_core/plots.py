@@ -398,11 +398,15 @@ def _static(fig: go.Figure) -> go.Figure:
     headless browser without a GPU renders WebGL in software, several times slower."""
     if not any(t.type == "scattergl" for t in fig.data):
         return fig
-    d = fig.to_dict()
-    for t in d["data"]:
-        if t.get("type") == "scattergl":
-            t["type"] = "scatter"
-    return go.Figure(d)
+    out = go.Figure(layout=fig.layout)
+    for t in fig.data:
+        if t.type == "scattergl":
+            spec = t.to_plotly_json()
+            spec.pop("type", None)
+            out.add_trace(go.Scatter(**spec))
+        else:
+            out.add_trace(t)
+    return out
 
 
 def cluster_order(matrix: np.ndarray, method: str = "average") -> np.ndarray:
