@@ -23,6 +23,7 @@ def test_summary_matches_loaded_screen_and_is_cached(tmp_path, monkeypatch):
     assert (first.cells, first.genes, first.perturbations) == (data.n_cells, data.n_genes, data.n_perturbations)
     assert first.combinations == len(data.combinations()) and first.control_cells == int(data.control_mask.sum())
     assert first.simulated
+    assert first.covariates == data.covariates == {"batch": ["batch1", "batch2"]}
     import anndata
 
     def no_read(*a, **k):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from sams_core.data.screen import from_anndata
@@ -31,6 +31,8 @@ class ScreenSummary:
     combinations: int
     control_cells: int
     simulated: bool  # the file carries the simulator's answer key (``uns['sams_truth']``)
+    # the covariates the models would condition on (detected as the data contract does): column → levels
+    covariates: dict[str, list[str]] = field(default_factory=dict)
 
 
 def summarize(data, simulated: bool = False) -> ScreenSummary:
@@ -38,6 +40,7 @@ def summarize(data, simulated: bool = False) -> ScreenSummary:
     return ScreenSummary(
         cells=int(data.n_cells), genes=int(data.n_genes), perturbations=int(data.n_perturbations),
         combinations=len(data.combinations()), control_cells=int(data.control_mask.sum()), simulated=bool(simulated),
+        covariates={k: list(v) for k, v in getattr(data, "covariates", {}).items()},
     )
 
 
@@ -53,7 +56,7 @@ def screen_summary(path: str | Path, cache_dir: str | Path | None = DEFAULT_CACH
     if not p.is_file():
         raise SamsError(f"No data file at {path}. Give the path of an .h5ad file.")
     st = p.stat()
-    key = hashlib.sha256(json.dumps([str(p.resolve()), st.st_size, st.st_mtime_ns]).encode()).hexdigest()[:24]
+    key = hashlib.sha256(json.dumps([str(p.resolve()), st.st_size, st.st_mtime_ns, "covariates"]).encode()).hexdigest()[:24]
     cached = Path(cache_dir) / f"summary_{key}.json" if cache_dir is not None else None
     if cached is not None and cached.exists():
         try:
