@@ -236,6 +236,13 @@ class PerturbationModel(nn.Module):
             row[int(level)] = 1.0
         return row
 
+    def covariate_input(self, layer: nn.Linear | None, c: torch.Tensor | None) -> torch.Tensor | None:
+        """``layer(c)``, the covariates' contribution to a first hidden layer; ``c`` None means the
+        training shares of the levels (pooled); None for a model without covariates."""
+        if layer is None:
+            return None
+        return layer(self.covariate_freq if c is None else c)
+
     def prediction_covariates(self, c: torch.Tensor | None, n_rows: int) -> torch.Tensor | None:
         """Covariates [R, Σ levels] for ``n_rows`` predicted rows from ``c`` (a row [Σ levels],
         rows [R, Σ levels], or None: pooled); None for a model without covariates."""
@@ -422,7 +429,9 @@ class PerturbationModel(nn.Module):
         the covariates (as in :meth:`predict`) where the shift depends on the level."""
         return torch.zeros(d.shape[0], self.n_latent, device=d.device)
 
-    def decode(self, z: torch.Tensor, d: torch.Tensor | None = None) -> torch.Tensor:
+    def decode(self, z: torch.Tensor, d: torch.Tensor | None = None, c: torch.Tensor | None = None) -> torch.Tensor:
+        """Decoder output for latents ``z`` (with dosage rows ``d`` where the family reads them, and
+        covariates ``c``: None means the training shares of the levels)."""
         raise NotImplementedError
 
     def n_prior_draws(self, globals_: dict[str, torch.Tensor]) -> int:

@@ -31,7 +31,8 @@ class ConditionalVAE(PerturbationModel):
 
     def _project_z(self, z: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
         h = self.decoder.project_a(z)
-        return h if c is None or self.decoder_cov is None else h + self.decoder_cov(c)
+        extra = self.covariate_input(self.decoder_cov, c)
+        return h if extra is None else h + extra
 
     def decode(self, z: torch.Tensor, d: torch.Tensor | None = None, c: torch.Tensor | None = None) -> torch.Tensor:
         if d is None:
@@ -39,10 +40,10 @@ class ConditionalVAE(PerturbationModel):
         return self.decoder.forward_from(self._project_z(z, c), d)
 
     def _encode(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        c = self.covariates_of(batch)
         h = self.encoder.project_a(self.encoder_input(batch.x))
-        if c is not None:
-            h = h + self.encoder_cov(c)
+        extra = self.covariate_input(self.encoder_cov, self.covariates_of(batch))
+        if extra is not None:
+            h = h + extra
         return mean_and_log_std(self.encoder.forward_from(h, batch.d))
 
     def loss(self, batch: Batch, n_particles: int = 5) -> LossOutput:

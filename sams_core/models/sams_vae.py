@@ -322,11 +322,11 @@ class SAMSVAE(PerturbationModel):
 
     # ---- local -----------------------------------------------------------------------
     def decode(self, z: torch.Tensor, d: torch.Tensor | None = None, c: torch.Tensor | None = None) -> torch.Tensor:
-        return mlp_forward(self.decoder, z, None if c is None or self.decoder_cov is None else self.decoder_cov(c))
+        return mlp_forward(self.decoder, z, self.covariate_input(self.decoder_cov, c))
 
     def _encode(self, x: torch.Tensor, shift: torch.Tensor, c: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and log-std of q(z_b | x, c, shift); ``shift`` may carry particle dimensions."""
-        extra = None if c is None or self.encoder_cov is None else self.encoder_cov(c)
+        extra = self.covariate_input(self.encoder_cov, c)
         return mean_and_log_std(mlp_forward(self.encoder, self.encoder_input(x), extra) + self.encoder_shift(shift))
 
     def _level_shift(self, d: torch.Tensor, c: torch.Tensor | None, m: torch.Tensor | None) -> torch.Tensor | None:

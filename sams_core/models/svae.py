@@ -214,11 +214,10 @@ class SVAEPlus(PerturbationModel):
 
     # ---- local -----------------------------------------------------------------------
     def decode(self, z: torch.Tensor, d: torch.Tensor | None = None, c: torch.Tensor | None = None) -> torch.Tensor:
-        return mlp_forward(self.decoder, z, None if c is None or self.decoder_cov is None else self.decoder_cov(c))
+        return mlp_forward(self.decoder, z, self.covariate_input(self.decoder_cov, c))
 
     def _encode(self, x: torch.Tensor, c: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        extra = None if c is None or self.encoder_cov is None else self.encoder_cov(c)
-        return mean_and_log_std(mlp_forward(self.encoder, self.encoder_input(x), extra))
+        return mean_and_log_std(mlp_forward(self.encoder, self.encoder_input(x), self.covariate_input(self.encoder_cov, c)))
 
     def loss(self, batch: Batch, n_particles: int = 5) -> LossOutput:
         P = n_particles

@@ -34,10 +34,10 @@ class VAE(ConditionalVAE):
         return self.decoder.forward_from(self._project_z(z, c))
 
     def _encode(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        c = self.covariates_of(batch)
         h = self.encoder.project_a(self.encoder_input(batch.x))
-        if c is not None:
-            h = h + self.encoder_cov(c)
+        extra = self.covariate_input(self.encoder_cov, self.covariates_of(batch))
+        if extra is not None:
+            h = h + extra
         return mean_and_log_std(self.encoder.forward_from(h))
 
     def loss(self, batch: Batch, n_particles: int = 5):
