@@ -10,6 +10,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import re
 import threading
 import tempfile
 from dataclasses import dataclass, field
@@ -874,9 +875,27 @@ def table_download(df: pd.DataFrame, name: str, key: str, index: bool = False) -
                        mime="text/csv", key=f"csv_{key}", on_click="ignore", icon=":material/download:")
 
 
+P_VALUE_COLUMNS = re.compile(r"^(p|q|fdr|padj|p_adj|pval|pvals|pval_adj|pvals_adj|p_value|q_value|qval|enrichment_p)$", re.IGNORECASE)
+
+
+def table_columns(df: pd.DataFrame) -> dict[str, Any]:
+    """Column settings of a shown table: p- and q-values in scientific notation, and each metric
+    column's plain meaning as its header's help (the glossary)."""
+    from sams_core.evaluation.glossary import metric_help
+
+    out: dict[str, Any] = {}
+    for c in df.columns:
+        name, help_ = str(c), metric_help(str(c)) or None
+        if P_VALUE_COLUMNS.match(name):
+            out[name] = st.column_config.NumberColumn(name, format="%.2e", help=help_)
+        elif help_:
+            out[name] = st.column_config.Column(name, help=help_)
+    return out
+
+
 def show_table(df: pd.DataFrame, name: str, key: str, index: bool = False, height: int | None = None) -> None:
-    """A table with its CSV download."""
-    st.dataframe(df, width="stretch", hide_index=not index, height=height or "auto")
+    """A table with its CSV download; p-values in scientific notation, metric columns explained."""
+    st.dataframe(df, width="stretch", hide_index=not index, height=height or "auto", column_config=table_columns(df))
     table_download(df, name, key, index)
 
 

@@ -45,8 +45,8 @@ else:
 left, right = st.columns(2)
 with left:
     tg = top_genes(L, int(unit), n_top)
-    fig = plots.top_genes_bar(tg.drop_duplicates("gene"), n=2 * n_top, value="loading",
-                              title=f"Genes unit {unit} drives", axis_title="loading (log2 change of expression per SD of the unit)")
+    fig = plots.top_genes_bar(tg.drop_duplicates("gene"), n=n_top, value="loading",
+                              title=f"The {n_top} genes unit {unit} drives most", axis_title="loading (log2 change of expression per SD of the unit)")
     S.chart(fig, f"unit{unit}_top_genes", "gp_top")
     S.show_table(tg, f"unit{unit}_top_genes", "gp_top_table", height=250)
 with right:

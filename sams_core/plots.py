@@ -332,12 +332,23 @@ def enrichment_heatmap(table: pd.DataFrame, n_sets: int = 25, title: str = "Unit
     m = m.fillna(0.0)
     m.columns = [f"unit {c}" for c in m.columns]
     desc = dict(zip(t["set"], t.get("description", t["set"])))
-    rows = [f"{s} {str(desc.get(s, ''))[:40]}".strip() if str(desc.get(s, "")) and str(desc.get(s, "")) != s else s for s in m.index]
+    rows = [set_label(s, desc.get(s, "")) for s in m.index]
     mx = float(np.abs(m.to_numpy()).max()) or 1.0
     signed = "direction" in t
     return matrix_heatmap(m.to_numpy(), rows, list(m.columns), title, "RdBu_r" if signed else "Reds",
                           -mx if signed else 0.0, mx, 0.0 if signed else None, "−log10 q" + (" (signed)" if signed else ""),
                           None, None)
+
+
+def set_label(name: str, description: str = "", width: int = 40) -> str:
+    """A gene set's row label: its id and the first ``width`` characters of its description, the id
+    once when the description already starts with it ("GO:0006915 apoptotic process")."""
+    name, d = str(name), str(description or "").strip()
+    if not d or d == name:
+        return name
+    if d.startswith(name):
+        d = d[len(name):].strip()
+    return f"{name} {d[:width]}".strip()
 
 
 def comparison_bars(table: pd.DataFrame, metrics: Sequence[str], name: str = "name", title: str = "Held-out comparison") -> go.Figure:

@@ -77,3 +77,11 @@ def test_webgl_scatter_exports_as_the_same_svg_scatter():
     static = plots._static(fig)
     assert static.data[0].type == "scatter" and list(static.data[0].x) == list(fig.data[0].x)
     assert fig.data[0].type == "scattergl"  # the shown figure is left as it was
+
+
+def test_gene_set_labels_show_the_id_once():
+    assert plots.set_label("GO:0000002", "GO:0000002 mitochondrial genome maintenance") == "GO:0000002 mitochondrial genome maintenance"
+    assert plots.set_label("HALLMARK_E2F", "targets of E2F") == "HALLMARK_E2F targets of E2F"
+    assert plots.set_label("P1", "P1") == "P1"
+    t = pd.DataFrame({"set": ["GO:1", "GO:2"], "description": ["GO:1 apoptosis", "GO:2 growth"], "unit": [0, 0], "q": [0.01, 0.5]})
+    assert list(plots.enrichment_heatmap(t).data[0].y) == ["GO:1 apoptosis", "GO:2 growth"]

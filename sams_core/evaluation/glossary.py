@@ -42,8 +42,10 @@ GLOSSARY: dict[str, str] = {
     "genes_excluding_zero": "Number of genes whose credible interval excludes zero: genes the model is confident are changed.",
     "pair_score": "Expected predicted interaction of an unmeasured pair, averaged over Monte-Carlo draws; high scores are the most informative pairs to measure next.",
     "mask_probability": "Posterior probability that a perturbation acts on a latent unit.",
-    "logfoldchange": "Log2 fold change of a gene's mean expression in a perturbation's cells over control cells.",
     "pvals_adj": "p-value adjusted for testing many genes (Benjamini-Hochberg): below 0.05 the change is unlikely to be chance.",
+    "pval": "Probability of a difference at least this large between the perturbation's cells and the controls by chance, for one gene (not adjusted for testing many).",
+    "q": "Enrichment p-value adjusted for testing many gene sets (Benjamini-Hochberg): below 0.05 the set is unlikely to be enriched by chance.",
+    "logfoldchange": "Log2 fold change of a gene's mean expression in a perturbation's cells over control cells.",
     "enrichment_p": "Probability of an overlap at least this large between a unit's top genes and a gene set by chance (hypergeometric).",
 }
 
@@ -83,6 +85,9 @@ _ALIASES: dict[str, str] = {
     "-elbo": "neg_elbo",
     "additive in data": "additive_in_data",
     "no change": "no_change",
+    "pval_adj": "pvals_adj",
+    "padj": "pvals_adj",
+    "pvals": "pval",
 }
 
 
