@@ -90,8 +90,8 @@ REAL_ORIGIN = {
     "commit": "d357dfa",
     "licence": "BSD 3-Clause (full text in LICENSE.perturbench.txt)",
     "studies": [
-        "Norman et al. 2019, Science 365:786 — K562 cells, CRISPRa (activation), singles and pairs",
-        "McFaline-Figueroa et al. 2023, Cell Genomics — glioma lines A172, T98G, U87MG, CRISPRi/knock-out",
+        "Norman et al. 2019 (PerturBench's norman19) — K562 cells, CRISPRa (activation), singles and pairs",
+        "McFaline-Figueroa et al. 2023 (PerturBench's mcfaline23) — glioma lines A172, T98G, U87MG, CRISPRi/knock-out",
     ],
 }
 REAL_MODELS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -109,7 +109,7 @@ REAL_HELDOUT_LEVEL = ("cell_type", "U87MG")
 REAL_COVARIATES = ["cell_type"]
 REAL_N_LATENT = 10
 REAL_N_HIDDEN = 64
-REAL_EPOCHS = 60
+REAL_EPOCHS = 40
 REAL_LABEL = "Real screen: Norman 2019 K562 CRISPRa + McFaline-Figueroa 2023 glioma lines, 5,961 cells"
 SIM_LABEL = "Simulated SAMS screen: 12 perturbations, 16 pairs, 150 genes (synthetic gene names)"
 
@@ -219,11 +219,24 @@ def build_demo(
     return written
 
 
+def real_heldout_pairs(data: Any) -> list[str]:
+    """The (condition, cell type) pairs the real demo holds out, as ``"CONDITION@LEVEL"``: the Norman
+    pairs of :data:`REAL_HELDOUT_PAIRS` in K562 and every perturbation of the glioma line
+    :data:`REAL_HELDOUT_LEVEL` that is also measured in another line (predicted there from them)."""
+    key, held_level = REAL_HELDOUT_LEVEL
+    cell_type = data.obs[key].astype(str).to_numpy()
+    labels = data.labels.astype(str)
+    treated = labels != "control"
+    pert = sorted(set(labels[treated & (cell_type == held_level)]))
+    elsewhere = {lab for lab in pert if np.any(treated & (labels == lab) & (cell_type != held_level))}
+    pairs_level = sorted(set(cell_type[np.isin(labels, REAL_HELDOUT_PAIRS)]))
+    return [f"{p}@{lv}" for p in REAL_HELDOUT_PAIRS for lv in pairs_level] + [f"{p}@{held_level}" for p in pert if p in elsewhere]
+
+
 def real_split_spec(data: Any, seed: int = 0) -> Any:
-    """The real demo's split: the Norman pairs of :data:`REAL_HELDOUT_PAIRS` held out and, when the
-    library offers the ``heldout-covariate`` split and ``data`` has the covariate, the
-    perturbations of the glioma line :data:`REAL_HELDOUT_LEVEL` as well."""
-    return _HeldoutSpec("heldout-combos", 0.25, seed=seed, heldout=list(REAL_HELDOUT_PAIRS))
+    """The real demo's split (``heldout-covariate`` with named pairs, recreated from the bundle's
+    manifest by the app): :func:`real_heldout_pairs` are the test set."""
+    return _HeldoutSpec("heldout-covariate", 1.0, seed=seed, heldout=real_heldout_pairs(data))
 
 
 def build_real_demo(
@@ -269,15 +282,10 @@ def build_real_demo(
     _atomic_copy(licence, out / LICENSE_FILE)
     written: dict[str, Path] = {"data": data_path, "licence": out / LICENSE_FILE}
 
-    import anndata as ad
-
-    obs = ad.read_h5ad(data_path, backed="r").obs
-    data = read_h5ad(data_path)
+    data = read_h5ad(data_path, covariate_keys=REAL_COVARIATES)
     spec = real_split_spec(data)
-    split = spec.make(data)
-    heldout = sorted({str(c) for c in data.labels[split == "test"]})
-    say(f"real screen: {data.n_cells:,} cells x {data.n_genes} genes; held out: {', '.join(heldout)}")
-    trained: dict[str, str] = {}
+    say(f"real screen: {data.n_cells:,} cells x {data.n_genes} genes, covariates {data.covariate_keys}; "
+        f"held out: {', '.join(spec.heldout)}")
     for name in models or list(REAL_MODELS):
         family, hp = REAL_MODELS[name]
         torch.manual_seed(0)
@@ -291,20 +299,37 @@ def build_real_demo(
         finally:
             close()
         written[name] = path
-        trained[name] = bundle.label
         say(f"{name}: {bundle.label}, {time.perf_counter() - t1:.1f} s")
-    record = _real_provenance(obs, data, sha, data_path.stat().st_size, spec, heldout, epochs, trained)
-    _atomic_write(out / PROVENANCE_FILE, json.dumps(record, indent=1) + "\n")
-    _atomic_write(out / "README.md", _real_readme(record))
-    written["provenance"] = out / PROVENANCE_FILE
-    written["readme"] = out / "README.md"
+    written.update(write_real_record(out))
     written.update(build_demo_embeddings(out, log=say))
     say(f"real demo built in {time.perf_counter() - t0:.1f} s -> {out}")
     return written
 
 
-def _real_provenance(obs: Any, data: Any, sha: str, n_bytes: int, spec: Any, heldout: list[str],
-                     epochs: int, trained: dict[str, str]) -> dict[str, Any]:
+def write_real_record(out_dir: str | Path = REAL_DIR) -> dict[str, Path]:
+    """Write the real demo's ``provenance.json`` and ``README.md`` from what is in ``out_dir``: the
+    screen (its SHA-256, size, contents) and the bundles' manifests (split, covariates, epochs)."""
+    import anndata as ad
+
+    from sams_core.io.manifest import model_label, read_manifest
+
+    out = Path(out_dir)
+    data_path = out / DATA_FILE
+    bundles = {n: out / f"{n}.sams" for n in REAL_MODELS if (out / f"{n}.sams").exists()}
+    if not data_path.is_file() or not bundles:
+        raise SamsError(f"{out} holds no real screen or no bundles. Rebuild it: python -m sams_core build-demo --only real")
+    manifests = {n: read_manifest(p) for n, p in bundles.items()}
+    first = next(iter(manifests.values()))
+    record = _real_provenance(ad.read_h5ad(data_path, backed="r").obs, file_sha256(data_path), data_path.stat().st_size,
+                              first, {n: model_label(m) for n, m in manifests.items()})
+    _atomic_write(out / PROVENANCE_FILE, json.dumps(record, indent=1) + "\n")
+    _atomic_write(out / "README.md", _real_readme(record))
+    return {"provenance": out / PROVENANCE_FILE, "readme": out / "README.md"}
+
+
+def _real_provenance(obs: Any, sha: str, n_bytes: int, manifest: dict[str, Any], trained: dict[str, str]) -> dict[str, Any]:
+    split, data_settings, config = manifest["split"], manifest["data"], manifest["training"]["config"]
+    pairs = [f"{c}@{lv}" for c, lv in split.get("test_pairs", [])] or list(split.get("test_conditions", []))
     by_dataset = {
         str(ds): {
             "cells": int((obs["dataset"] == ds).sum()),
@@ -314,31 +339,37 @@ def _real_provenance(obs: Any, data: Any, sha: str, n_bytes: int, spec: Any, hel
         }
         for ds in sorted(map(str, obs["dataset"].unique()))
     }
+    treated = obs["condition"].astype(str) != "control"
+    per_ds = [set(obs.loc[treated & (obs["dataset"] == ds), "condition"].astype(str)) for ds in by_dataset]
+    shared = sorted(set.intersection(*per_ds)) if per_ds else []
     return {
         "file": DATA_FILE,
         "sha256": sha,
         "bytes": int(n_bytes),
         "origin": REAL_ORIGIN,
         "contents": {
-            "cells": int(data.n_cells),
-            "genes": int(data.n_genes),
+            "cells": int(obs.shape[0]),
+            "genes": len(manifest["genes"]),
             "values": "log-normalised expression (no raw counts): Gaussian likelihood",
             "datasets": by_dataset,
             "cells_per_cell_type": {str(k): int(v) for k, v in obs["cell_type"].value_counts().sort_index().items()},
         },
         "trap": (
-            "The same gene label is a different intervention in the two studies: MAP2K3, MAP2K6, MAPK1, "
-            "SGK1, TGFBR2 and other genes are activated (CRISPRa) in K562 and knocked down (CRISPRi) in the "
-            "glioma lines. A model without covariates gives each label one effect."
+            f"The same gene label is a different intervention in the two studies: {', '.join(shared)} are "
+            "activated (CRISPRa) in K562 and knocked down (CRISPRi) in the glioma lines. A model without "
+            "covariates gives each label one effect."
         ),
-        "split": {**spec.as_dict(), "heldout_conditions": heldout},
+        "shared_labels": shared,
+        "split": {**{k: split[k] for k in ("kind", "fraction", "val_fraction", "seed", "level", "covariate") if k in split},
+                  "heldout_pairs": pairs, "heldout_conditions": list(split.get("test_conditions", []))},
+        "data_checksum": data_settings.get("checksum"),
         "training": {
-            "epochs": int(epochs),
-            "batch_size": 256,
-            "seed": 0,
-            "n_latent": REAL_N_LATENT,
-            "n_hidden": REAL_N_HIDDEN,
-            "covariates": [],
+            "epochs": int(config["epochs"]),
+            "batch_size": int(config["batch_size"]),
+            "seed": int(config["seed"]),
+            "n_latent": int(manifest["hparams"].get("n_latent", REAL_N_LATENT)),
+            "n_hidden": int(manifest["hparams"].get("n_hidden", REAL_N_HIDDEN)),
+            "covariates": list(data_settings.get("covariate_keys") or []),
             "models": trained,
         },
         "rebuild": "python -m sams_core build-demo --only real",
@@ -372,7 +403,8 @@ def _real_readme(rec: dict[str, Any]) -> str:
         "",
         "## Bundles",
         "",
-        f"Split `{rec['split']['kind']}`; held out (never trained on): {', '.join(rec['split']['heldout_conditions'])}. "
+        f"Split `{rec['split']['kind']}`; held out (never trained on), as condition@cell type: "
+        f"{', '.join(rec['split']['heldout_pairs'])}. "
         f"Trained {tr['epochs']} epochs, batch {tr['batch_size']}, seed {tr['seed']}, {tr['n_latent']} latent units, "
         f"{tr['n_hidden']} hidden units, covariates: {', '.join(tr['covariates']) or 'none'}.",
         "",
@@ -420,6 +452,10 @@ class _HeldoutSpec:
         self._spec = SplitSpec(kind, fraction, seed=seed, **extra)
         self._heldout = heldout
 
+    @property
+    def heldout(self) -> list[str]:
+        return list(self._heldout)
+
     def make(self, data, heldout=None):
         return self._spec.make(data, heldout if heldout is not None else self._heldout)
 
@@ -444,10 +480,15 @@ def build_demo_main(argv: list[str] | None = None) -> int:
     p.add_argument("--models", nargs="*", choices=sorted(set(DEMO_MODELS) | set(REAL_MODELS)),
                    help="only these bundles (default: all of each demo)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for training (default: PyTorch's)")
     p.add_argument("--embeddings-only", action="store_true",
                    help="only recompute the shipped UMAP layouts of the bundles already built")
     args = p.parse_args(argv)
     which = [args.only] if args.only else ["real", "simulated"]
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     outs = {"real": Path(args.real_out or REAL_DIR), "simulated": Path(args.out or DEMO_DIR)}
     try:
         for key in which:
