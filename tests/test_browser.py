@@ -18,7 +18,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = "/usr/bin/chromium"
-PAGES = [("", True), ("Masks", True), ("Latent_space", True), ("Gene_programs", True), ("Compose", True), ("Compare", True), ("Train", False)]
+PAGES = [("", True), ("Masks", True), ("Latent_space", True), ("Gene_programs", True), ("Compose", True), ("Compare", True),
+         ("Train", False), ("Differential_expression", True)]
 
 pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian chromium not installed")
 
@@ -57,7 +58,11 @@ def server(tmp_path_factory):
         pytest.fail("the Streamlit server did not start")
     yield url
     proc.terminate()
-    proc.wait(timeout=10)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=10)
 
 
 def test_every_page_renders_charts(server, tmp_path):
@@ -95,7 +100,7 @@ def test_selection_survives_navigation(server):
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
             page.goto(server, wait_until="networkidle")
             page.wait_for_selector(".main-svg", timeout=180_000)
-            page.locator('[data-testid="stSidebar"] [data-testid="stSelectbox"]').first.click()
+            _model_box(page).click()
             page.get_by_role("option", name="cpa_vae").click()
             page.get_by_text("CPA-VAE").first.wait_for(timeout=60_000)
             for _ in range(2):
@@ -109,18 +114,33 @@ def test_selection_survives_navigation(server):
             browser.close()
 
 
-def test_own_screen_end_to_end(server, tmp_path, screen):
-    """A screen of one's own, with no model: open it by path, train from the Train page, leave
-    and come back while it trains, pick the finished model, then visit every page: no error box."""
-    from playwright.sync_api import sync_playwright
+def _own_screen(screen, path: Path) -> Path:
+    """A screen as a user has one: a ``condition`` column with ``ctrl`` controls, real human gene
+    symbols, a ``cell_type`` covariate, no model."""
+    import numpy as np
 
     from sams_core.interpret.genesets import load_shipped
 
-    adata, _ = screen
-    adata = adata.copy()
-    adata.var_names = sorted(load_shipped("go_bp").genes())[: adata.n_vars]  # real human gene symbols
-    path = tmp_path / "mine.h5ad"
+    adata = screen[0].copy()
+    adata.obs["condition"] = adata.obs.pop("perturbation").replace({"control": "ctrl"}).astype(str)
+    adata.obs["cell_type"] = np.where(np.arange(adata.n_obs) % 3 == 0, "erythroid", "myeloid")
+    adata.var_names = sorted(load_shipped("go_bp").genes())[: adata.n_vars]
     adata.write_h5ad(path)
+    return path
+
+
+def _model_box(page):
+    return page.locator('[data-testid="stSidebar"] [data-testid="stSelectbox"]').filter(has=page.get_by_text("Model", exact=True))
+
+
+def test_own_screen_end_to_end(server, tmp_path, screen):
+    """A screen of one's own, with no model: upload it, see its data settings, train from the
+    Train page, leave and come back three times while it trains, pick the finished model, then
+    visit every page: no error box, the selection intact. A second browser context (another
+    user) sees none of it."""
+    from playwright.sync_api import sync_playwright
+
+    path = _own_screen(screen, tmp_path / "my_screen.h5ad")
     shots = Path(os.environ.get("SAMS_SCREENSHOTS", tmp_path))
     shots.mkdir(parents=True, exist_ok=True)
 
@@ -138,32 +158,47 @@ def test_own_screen_end_to_end(server, tmp_path, screen):
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
             page.goto(server, wait_until="networkidle")
             page.wait_for_selector("h1", timeout=120_000)
-            page.get_by_text("Files on disk").click()
-            box = page.get_by_label("Data (.h5ad path)")
-            box.fill(str(path))
-            box.press("Enter")
-            page.get_by_text("No model for this screen yet").wait_for(timeout=120_000)
-            assert not errors(page)
+            page.locator('[data-testid="stSidebar"]').get_by_text("Upload", exact=True).click()
+            page.locator('[data-testid="stSidebar"] input[type="file"]').first.set_input_files(str(path))
+            page.get_by_text("No model for this screen yet").first.wait_for(timeout=120_000)
+            main = page.locator('[data-testid="stMain"]')
+            main.get_by_text("--perturbation-key condition").first.wait_for(timeout=60_000)  # detected, with its flag
+            main.get_by_text("cell_type (2 levels)").first.wait_for(timeout=60_000)
+            page.screenshot(path=str(shots / "own_home_no_model.png"), full_page=True)
+            assert not errors(page), errors(page)
             go(page, "Train")
             page.get_by_label("Epochs").fill("3")
             page.get_by_label("Epochs").press("Enter")
             page.wait_for_timeout(1000)
             page.get_by_role("button", name="Start training").click()
             page.get_by_text("Training jobs").wait_for(timeout=60_000)
-            for name in ("Home", "Masks", "Home"):  # leaving the page does not stop the run
+            for name in ("Home", "Differential expression", "Home"):  # leaving the page does not stop the run
                 go(page, name)
-            go(page, "Train")
-            page.get_by_text("Done: choose").wait_for(timeout=300_000)
-            page.screenshot(path=str(shots / "own_train.png"))
-            page.locator('[data-testid="stSidebar"] [data-testid="stSelectbox"]').first.click()
-            page.get_by_role("option").first.click()
-            page.wait_for_timeout(2000)
-            for name in ("Home", "Masks", "Latent space", "Gene programs", "Compose", "Compare", "Train"):
-                go(page, name)
-                if name not in ("Train",):
-                    page.wait_for_selector(".main-svg", timeout=240_000)
-                page.screenshot(path=str(shots / f"own_{name.replace(' ', '_')}.png"))
                 assert not errors(page), (name, errors(page))
-                assert "dataset=path" in page.url, (name, page.url)
+                go(page, "Train")
+            page.get_by_text("Done: choose").wait_for(timeout=300_000)
+            page.screenshot(path=str(shots / "own_train.png"), full_page=True)
+            _model_box(page).click()
+            page.get_by_role("option", name="run: ").first.click()
+            page.wait_for_timeout(2000)
+            for name in ("Home", "Masks", "Latent space", "Gene programs", "Compose", "Compare", "Differential expression", "Train"):
+                go(page, name)
+                if name != "Train":
+                    page.wait_for_selector(".main-svg", timeout=240_000)
+                    page.wait_for_timeout(1000)
+                page.screenshot(path=str(shots / f"own_{name.replace(' ', '_')}.png"))
+                page.locator('[data-testid="stMain"]').evaluate("e => e.scrollTo(0, e.scrollHeight)")
+                page.wait_for_timeout(500)
+                page.screenshot(path=str(shots / f"own_{name.replace(' ', '_')}_end.png"))
+                assert not errors(page), (name, errors(page))
+                assert "dataset=upload" in page.url and "model=run" in page.url, (name, page.url)
+            # another user: a fresh context sees neither the upload nor its run
+            other = browser.new_context(viewport={"width": 1400, "height": 1000}).new_page()
+            other.goto(server, wait_until="domcontentloaded", timeout=120_000)
+            other.wait_for_selector("h1", timeout=180_000)
+            other.wait_for_timeout(2000)
+            text = other.inner_text("body")
+            assert "my_screen.h5ad" not in text and "run: " not in text, text[:500]
+            assert "dataset=upload" not in other.url
         finally:
             browser.close()
