@@ -343,6 +343,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from sams_core.pipeline import load_data_and_bundle
 
     bundle, data, split = load_data_and_bundle(args.bundle, args.data)
+    for note in bundle.notes:
+        print(f"note: {note}", file=sys.stderr)
     ev = evaluate_model(bundle.model, data, split, args.samples, args.ate_samples, args.max_cells, args.seed)
     table = ev.metrics.copy()
     table.insert(0, "model", bundle.label)
@@ -359,6 +361,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     from sams_core.io.bundle import load_bundle
 
     bundle = load_bundle(args.bundle)
+    for note in bundle.notes:
+        print(f"note: {note}", file=sys.stderr)
     if not 0 < args.level < 1:
         raise SamsError(f"--level must be between 0 and 1, got {args.level}.")
     empty = [label for label in args.perturbations if not label.strip()]

@@ -19,7 +19,7 @@ from sams_core.data.screen import PerturbationData, from_anndata, read_h5ad
 from sams_core.data.splits import TRAIN, heldout_pairs, make_split
 from sams_core.errors import SamsError
 from sams_core.evaluation.metrics import Evaluation, evaluate_model
-from sams_core.io.bundle import ModelBundle, load_bundle, make_manifest, save_bundle
+from sams_core.io.bundle import ModelBundle, check_output, load_bundle, make_manifest, save_bundle
 from sams_core.training.trainer import ProgressFn, TrainConfig, TrainResult, train
 
 
@@ -83,6 +83,8 @@ def train_bundle(
     its metrics per level of the primary covariate in ``manifest["metrics_per_level"]``
     (split → level → scores). Pass ``data.without_covariates()`` for a model without covariates.
     """
+    if out is not None:
+        check_output(out)  # an unusable destination is said before training, not after
     split = spec.make(data)
     model, result = train(data, family, split, config, progress, **hparams)
     evaluation = evaluate_model(model, data, split, n_ate_samples=n_ate_samples, seed=config.seed) if evaluate else None
