@@ -25,16 +25,28 @@ units = [f"unit {k}" for k in range(bundle.n_latent)]
 c1, c2, c3 = st.columns([1, 1, 2])
 threshold = S.widget(c1.slider, "Mask threshold", "masks_threshold", 0.5, min_value=0.0, max_value=1.0, step=0.05)
 cluster = S.widget(c2.checkbox, "Cluster rows and columns", "masks_cluster", True)
-query = S.widget(c3.text_input, "Filter perturbations (substring)", "masks_filter", "")
-keep = [i for i, r in enumerate(rows) if query.lower() in r.lower()] or list(range(len(rows)))
-if query and len(keep) == len(rows) and not any(query.lower() in r.lower() for r in rows):
-    st.info(f"No perturbation matches {query!r}; showing all.")
+query = S.widget(c3.text_input, "Search perturbations (part of a name)", "masks_filter", "")
+stats = [s for s in plots.ROW_STATISTICS if probs is not None or s == "shift size"]
+c1, c2, c3 = st.columns([2, 1, 1])
+stat = S.widget(c1.selectbox, "Show the top perturbations by", "masks_stat", stats[0], stats)
+top_n = S.widget(c2.number_input, "How many", "masks_top", min(plots.HEATMAP_ROWS, len(rows)), min_value=1,
+                 max_value=max(len(rows), 1), step=10)
+whole = S.widget(c3.toggle, f"Whole matrix ({len(rows):,})", "masks_all", len(rows) <= plots.HEATMAP_ROWS,
+                 help="Every matching perturbation; above a hundred rows the chart is screen-high, names on hover: drag a box to zoom to a cluster.")
+scores = plots.row_scores(stat, probs, emb, threshold)
+keep = plots.heatmap_rows(rows, scores, query, None if whole else int(top_n)).tolist()
+if not keep:
+    st.info(f"No perturbation matches {query!r}; showing the top {int(top_n)}.")
+    keep = plots.heatmap_rows(rows, scores, "", int(top_n)).tolist()
+n_match = len(plots.heatmap_rows(rows, scores, query, None)) if query else len(rows)
+st.caption(f"Showing {len(keep):,} of {len(rows):,} perturbations" + (f" ({n_match:,} match {query!r})" if query else "")
+           + ("" if whole else f", the top {int(top_n)} by {stat}") + ".")
 sel_rows = [rows[i] for i in keep]
-chosen = S.widget(st.selectbox, "Perturbation", "masks_pert", sel_rows[0], sel_rows)
+chosen = S.widget(st.selectbox, "Perturbation (type to search)", "masks_pert", sel_rows[0], rows)
 
 base = probs if probs is not None else emb
 sub = base[keep]
-orders = heatmap_orders(sub) if cluster and sub.shape[0] > 2 else (np.arange(sub.shape[0]), np.arange(sub.shape[1]))
+orders = heatmap_orders(sub) if cluster and 2 < sub.shape[0] <= 3000 else (np.arange(sub.shape[0]), np.arange(sub.shape[1]))
 
 left, right = st.columns(2)
 if probs is not None:

@@ -39,7 +39,8 @@ if emb is None:
     st.stop()
 bar.progress(1.0, text=f"UMAP of {len(emb.cells):,} cells ({latent} latent)" + (" — from cache" if emb.from_cache else ""))
 labels = data.labels[emb.cells].astype(str)
-title = f"UMAP of {latent} latents · {bundle.label}"
+shown = f"{len(emb.cells):,} cells" if len(emb.cells) == data.n_cells else f"{len(emb.cells):,} of {data.n_cells:,} cells (seeded subsample)"
+title = f"UMAP of {latent} latents · {shown} · {bundle.label}"
 genes = list(data.genes)
 
 
@@ -87,7 +88,17 @@ elif mode.startswith("covariate: "):
     col = mode.split(": ", 1)[1]
     fig = plots.umap_scatter(emb.coords, data.obs[col].to_numpy()[emb.cells], hover=labels, color_label=col, title=title)
 else:
-    fig = plots.umap_scatter(emb.coords, labels, hover=labels, color_label="perturbation", title=title)
+    n_conditions = len(set(labels))
+    groups = labels
+    if n_conditions > 30:
+        find = S.widget(st.text_input, "Colour the perturbations matching (part of a name)", "latent_find", "",
+                        help="Up to 29 matching conditions get colours (most cells first); the others are grey.")
+        groups = plots.colour_groups(labels, find, 30)
+        n_col = len(set(groups) - {"other"})
+        st.caption(f"{n_conditions:,} conditions among these cells: {n_col} coloured "
+                   + (f"(matching {find!r})" if find.strip() else "(most cells)")
+                   + ", the others grey. Search above, or choose 'highlight a perturbation' to find one.")
+    fig = plots.umap_scatter(emb.coords, groups, hover=labels, color_label="perturbation" if groups is labels else "coloured", title=title)
 fig.update_layout(dragmode="lasso")
 
 event = S.chart(fig, f"umap_{latent}", "latent_umap", select=True)

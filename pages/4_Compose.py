@@ -6,8 +6,15 @@ import streamlit as st
 
 from explorer import state as S
 from sams_core import plots
-from sams_core.interpret.effects import compare_with_data
+from sams_core.interpret.effects import MAX_PAIRS, REFINE_TOP, candidate_pairs, compare_with_data, rank_unmeasured_pairs
 from sams_core.labels import split_label
+
+
+@st.cache_resource(show_spinner=False)
+def _ranked() -> dict:
+    """Pair rankings of this server process, shared by every session (keyed by model, screen and settings)."""
+    return {}
+
 
 ctx = S.page("Compose")
 data, bundle = ctx.data, ctx.bundle
@@ -82,8 +89,28 @@ else:
         S.show_table(table, f"{pred.label}_effects", "compose_table", height=300)
 
 st.subheader("Which pair to measure next")
-st.caption("Unmeasured pairs of measured singles, ranked by predicted interaction, then by uncertainty.")
-if S.widget(st.toggle, "Rank unmeasured pairs", "compose_rank", True):
-    pairs = S.guarded(lambda: S.unmeasured_pairs(ctx.model_key, bundle, tuple(sorted(measured))))
+singles, n_candidates = candidate_pairs(bundle, sorted(measured))
+st.caption(f"{n_candidates:,} unmeasured pairs of {len(singles):,} measured singles, ranked by predicted interaction, "
+           "then by uncertainty. Every pair is scored with the same (paired) posterior draws, so differences between "
+           f"pairs are not Monte-Carlo noise. Above {MAX_PAIRS:,} pairs, those whose members' latent shifts overlap most "
+           "are scored; the top ones are refined with full posterior draws and a 90 % interval.")
+if S.widget(st.toggle, "Rank unmeasured pairs", "compose_rank", n_candidates <= 500):
+    c1, c2 = st.columns(2)
+    n_score = S.widget(c1.number_input, "Pairs to score", "compose_rank_pairs", min(MAX_PAIRS, max(n_candidates, 1)),
+                       min_value=1, max_value=max(n_candidates, 1), step=1000,
+                       help="A first pass at the posterior-mean model; more pairs take longer (about 1 s per 1,000 on 2 cores).")
+    n_refine = S.widget(c2.number_input, "Pairs to refine", "compose_rank_refine", min(REFINE_TOP, max(n_candidates, 1)),
+                        min_value=0, max_value=max(n_candidates, 1), step=50,
+                        help="The strongest pairs of the first pass, scored again with full posterior draws (interval, uncertainty).")
+    memo = _ranked()
+    key = (ctx.model_key, ctx.data_key, int(n_score), int(n_refine))
+    if key not in memo:
+        bar = st.progress(0.0, text="Ranking pairs…")
+        memo[key] = S.guarded(lambda: rank_unmeasured_pairs(bundle, sorted(measured), max_pairs=int(n_score), refine=int(n_refine),
+                                                            progress=lambda msg, f: bar.progress(min(max(float(f), 0.0), 1.0), text=msg)))
+        bar.empty()
+        while len(memo) > 20:
+            memo.pop(next(iter(memo)))
+    pairs = memo[key]
     if pairs is not None:
         S.show_table(pairs, "unmeasured_pairs", "compose_pairs", height=300)

@@ -6,7 +6,19 @@ import streamlit as st
 
 from explorer import state as S
 from sams_core import plots
-from sams_core.evaluation.compare import add_truth_scores
+from sams_core.evaluation.compare import QUICK_COMPARE, add_truth_scores, compare_on_heldout
+
+
+@st.cache_resource(show_spinner=False)
+def _comparisons() -> dict:
+    """Comparison tables of this server process, shared by every session (by screen, settings and models)."""
+    return {}
+
+
+@st.cache_resource(show_spinner=False, max_entries=20)
+def _model_rows(data_key: str) -> dict:
+    """Each model's scores on one screen, kept per bundle so adding a model scores only that one."""
+    return {}
 
 ctx = S.page("Compare")
 data, split = ctx.data, ctx.split
@@ -25,11 +37,24 @@ for n in chosen:
 if not bundles:
     st.info("Choose at least one model trained on this split.")
     st.stop()
-st.caption(f"Split: {spec.get('kind')} · held-out conditions: {', '.join(spec.get('test_conditions', []))}")
-keys = tuple(f"{n}:{b.checksum()}" for n, b in bundles.items())
-table = S.guarded(lambda: S.comparison(ctx.data_key, keys, bundles, data, split))
+held = spec.get("test_conditions", [])
+st.caption(f"Split: {spec.get('kind')} · {len(held):,} held-out conditions: {', '.join(held[:20])}{' …' if len(held) > 20 else ''}")
+full = S.widget(st.toggle, "Score every held-out cell and condition", "compare_full", False,
+                help="Off: a seeded subsample (at most {max_conditions} held-out conditions, {n_cells} cells each for the energy "
+                     "distance, {n_ate_samples} predicted cells per condition, IWELBO on at most {max_iwelbo_cells} held-out cells "
+                     "with {n_iwelbo_samples} importance samples), seconds on any screen. On: everything (minutes on large screens).".format(**QUICK_COMPARE))
+settings = {"n_cells": 300, "n_ate_samples": 1000} if full else dict(QUICK_COMPARE)
+memo = _comparisons()
+key = (ctx.data_key, full, tuple(f"{n}:{b.checksum()}" for n, b in bundles.items()))
+if key not in memo:
+    with st.spinner("Comparing models on the held-out conditions…"):
+        memo[key] = S.guarded(lambda: compare_on_heldout(bundles, data, split, cache=_model_rows(ctx.data_key), **settings))
+    while len(memo) > 20:
+        memo.pop(next(iter(memo)))
+table = memo[key]
 if table is None:
     st.stop()
+table = table.copy()
 labels = {n: b.label for n, b in bundles.items()}
 table.insert(1, "model", [labels.get(n, n) for n in table["name"]])
 

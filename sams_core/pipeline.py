@@ -18,7 +18,7 @@ from sams_core.data.contract import check_same_kind
 from sams_core.data.screen import PerturbationData, from_anndata, read_h5ad
 from sams_core.data.splits import TRAIN, heldout_pairs, make_split
 from sams_core.errors import SamsError
-from sams_core.evaluation.metrics import Evaluation, evaluate_model
+from sams_core.evaluation.metrics import FULL_EVALUATION, QUICK_EVALUATION, Evaluation, evaluate_model
 from sams_core.io.bundle import ModelBundle, check_output, load_bundle, make_manifest, save_bundle
 from sams_core.training.trainer import ProgressFn, TrainConfig, TrainResult, train
 
@@ -73,7 +73,8 @@ def train_bundle(
     out: str | Path | None = None,
     progress: ProgressFn | None = None,
     evaluate: bool = True,
-    n_ate_samples: int = 2000,
+    n_ate_samples: int | None = None,
+    full_evaluation: bool = False,
     **hparams: Any,
 ) -> tuple[ModelBundle, TrainResult, Evaluation | None]:
     """Train a ``family`` model on ``data`` split by ``spec``, evaluate it, save it to ``out``.
@@ -87,7 +88,9 @@ def train_bundle(
         check_output(out)  # an unusable destination is said before training, not after
     split = spec.make(data)
     model, result = train(data, family, split, config, progress, **hparams)
-    evaluation = evaluate_model(model, data, split, n_ate_samples=n_ate_samples, seed=config.seed) if evaluate else None
+    # the quick evaluation by default (seconds to a minute at Norman scale), the full protocol on request
+    settings = {**(FULL_EVALUATION if full_evaluation else QUICK_EVALUATION), **({} if n_ate_samples is None else {"n_ate_samples": n_ate_samples})}
+    evaluation = evaluate_model(model, data, split, seed=config.seed, **settings) if evaluate else None
     metrics: dict[str, Any] = {}
     if evaluation is not None and not evaluation.metrics.empty:
         metrics = {

@@ -8,7 +8,7 @@ simulator's true model (the oracle, ``sams_core.simulate.sample_condition``) are
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -89,16 +89,17 @@ class HeldoutCells:
     pca: Any
 
     @classmethod
-    def build(cls, data: PerturbationData, split: np.ndarray, n_cells: int = 300, n_pcs: int = 20, seed: int = 0) -> HeldoutCells:
-        """Held-out cells of every test condition of ``split`` (a seeded subsample of ``n_cells``
-        each) projected on a PCA fitted on up to 5,000 cells of the data."""
+    def build(cls, data: PerturbationData, split: np.ndarray, n_cells: int = 300, n_pcs: int = 20, seed: int = 0,
+              conditions: list[str] | None = None) -> HeldoutCells:
+        """Held-out cells of every test condition of ``split`` (or of ``conditions``, some of them;
+        a seeded subsample of ``n_cells`` each) projected on a PCA fitted on up to 5,000 cells of the data."""
         from sklearn.decomposition import (
             PCA,  # heavy third-party import, only when comparing
         )
 
         rng = np.random.default_rng(seed)
         test = np.flatnonzero(split == TEST)
-        conds = split_conditions(data, split, TEST)
+        conds = split_conditions(data, split, TEST) if conditions is None else list(conditions)
         if not conds:
             raise SamsError("The split has no held-out conditions to compare on. Use a held-out split.")
         fit_cells = np.sort(rng.choice(data.n_cells, min(data.n_cells, 5000), replace=False))
@@ -215,6 +216,24 @@ def add_truth_scores(table: pd.DataFrame, bundles: Mapping[str, ModelBundle], tr
 
 # ---------------------------------------------------------------------------------------------
 # one table for models and baselines
+#: What the dashboard's Compare page scores (a seeded subsample, so that a comparison takes
+#: seconds on a screen of any size): at most 50 held-out conditions, 200 held-out cells of each
+#: for the energy distance, 500 posterior-predictive cells per condition for the ATE, and the
+#: IWELBO over at most 1,000 held-out cells with 50 importance samples. ``compare_on_heldout``'s
+#: own defaults score everything (the protocol of DESIGN §3, used by ``bench/science.py``).
+QUICK_COMPARE: dict[str, int] = {"max_conditions": 50, "n_cells": 200, "n_ate_samples": 500, "max_iwelbo_cells": 1000,
+                                 "n_iwelbo_samples": 50}
+
+
+def heldout_conditions(data: PerturbationData, split: np.ndarray, max_conditions: int | None = None, seed: int = 0) -> list[str]:
+    """The held-out conditions of ``split``, or a seeded sample of ``max_conditions`` of them (sorted)."""
+    conds = split_conditions(data, split, TEST)
+    if max_conditions is not None and len(conds) > max_conditions:
+        pick = np.random.default_rng(seed).choice(len(conds), max_conditions, replace=False)
+        conds = sorted(conds[i] for i in pick)
+    return conds
+
+
 def compare_on_heldout(
     bundles: Mapping[str, ModelBundle],
     data: PerturbationData,
@@ -224,6 +243,10 @@ def compare_on_heldout(
     n_ate_samples: int = 1000,
     seed: int = 0,
     truth: SimulationTruth | None = None,
+    max_conditions: int | None = None,
+    max_iwelbo_cells: int | None = None,
+    n_iwelbo_samples: int = 100,
+    cache: MutableMapping[tuple, dict[str, Any]] | None = None,
 ) -> pd.DataFrame:
     """Models (``{name: ModelBundle}``) and data-only baselines scored on the held-out conditions.
 
@@ -236,18 +259,31 @@ def compare_on_heldout(
     like the data) and ``energy_floor``, the half-vs-half sampling floor of the held-out cells;
     held-out ``iwelbo`` for models; ``collapsed`` from the diversity check; with ``truth`` (a
     simulated screen's answer key) also mask precision / recall / F1 (:func:`add_truth_scores`).
+
+    Everything is scored by default. ``max_conditions`` scores a seeded sample of the held-out
+    conditions, ``max_iwelbo_cells`` the IWELBO on a seeded sample of their test cells with
+    ``n_iwelbo_samples`` importance samples (:data:`QUICK_COMPARE` is the dashboard's choice).
+    ``cache`` (a dict kept between calls on the same screen and split) keeps each model's row by
+    its weights' checksum and these settings, so adding a model to a comparison scores only it.
     """
-    ref = HeldoutCells.build(data, split, n_cells, n_pcs, seed)
+    conds = heldout_conditions(data, split, max_conditions, seed)
+    ref = HeldoutCells.build(data, split, n_cells, n_pcs, seed, conditions=conds)
     conds = ref.conditions
+    wanted = set(conds)
     test = np.flatnonzero(split == TEST)
+    test = test[np.isin(data.labels[test].astype(str), list(wanted))]
     ctrl = np.flatnonzero(data.control_mask)
-    obs = data_ate(data, test[~data.control_mask[test]], ctrl).loc[conds]
+    obs = data_ate(data, test, ctrl).loc[conds]
+    members = {m for c in conds for m in c.split("+")}
     outside = np.flatnonzero((split != TEST) & ~data.control_mask)
+    outside = outside[np.isin(data.labels[outside].astype(str), list(members))]  # the singles the additive baseline sums
     seen = data_ate(data, outside, ctrl) if outside.size else pd.DataFrame(columns=data.genes)
     rng = np.random.default_rng(seed)
     ctrl_idx = ctrl if ctrl.size <= n_cells else np.sort(rng.choice(ctrl, n_cells, replace=False))
     ctrl_t = transformed_cells(data, ctrl_idx)
     floor = ref.floor(seed)
+    iw_cells = test if max_iwelbo_cells is None or test.size <= max_iwelbo_cells else np.sort(
+        np.random.default_rng(seed).choice(test, max_iwelbo_cells, replace=False))
 
     def row(name: str, kind: str, pred: pd.DataFrame, energy: float) -> dict[str, Any]:
         return {"name": name, "kind": kind, **effect_scores(obs, pred), "energy_distance": energy,
@@ -259,12 +295,19 @@ def compare_on_heldout(
     add = additive_baseline(seen, conds)
     add_energy = ref.energy(lambda c: None if add.loc[c].isna().any() else ref.pca.transform(ctrl_t + add.loc[c].to_numpy()))
     rows.append(row("additive in data", "baseline", add, add_energy))
+    settings = (tuple(conds), n_cells, n_pcs, n_ate_samples, seed, max_iwelbo_cells, n_iwelbo_samples)
     for name, bundle in bundles.items():
+        key = (bundle.checksum(), *settings)
+        if cache is not None and key in cache:
+            rows.append({**cache[key], "name": name})
+            continue
         model = bundle.model
         pred = model_ate(model, conds, data.perturbations, data.is_counts, n_ate_samples, seed)
         pred.columns = data.genes
         r = row(name, "model", pred, ref.energy_of_sampler(model_sampler(model, data), seed))
-        r["iwelbo"] = float(iwelbo(model, data, test, 100, seed).mean())
+        r["iwelbo"] = float(iwelbo(model, data, iw_cells, n_iwelbo_samples, seed).mean())
+        if cache is not None:
+            cache[key] = dict(r)
         rows.append(r)
     table = pd.DataFrame(rows)
     return add_truth_scores(table, bundles, truth) if truth is not None else table
