@@ -44,10 +44,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from sams_core.cli import main as cli  # noqa: E402
-from sams_core.data.screen import from_anndata  # noqa: E402
 from sams_core.errors import SamsError  # noqa: E402
 from sams_core.io.bundle import load_bundle  # noqa: E402
-from sams_core.io.manifest import MANIFEST, WEIGHTS, metrics_table, read_manifest  # noqa: E402
+from sams_core.io.manifest import MANIFEST, WEIGHTS, metrics_table  # noqa: E402
 from tests.conftest import toy_screen  # noqa: E402
 
 torch.set_num_threads(2)

@@ -6,7 +6,6 @@ are bounded; saves are atomic; a shared deployment reads only under its data roo
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import random
