@@ -288,3 +288,32 @@ def test_evaluate_reports_pooled_and_per_level_metrics(data):
     assert test_levels == {lv for _, lv in heldout_pairs(data, split)}
     n = ev.per_level.loc[TEST, "n_cells"].sum()
     assert n == ev.metrics.loc[TEST, "n_cells"]
+
+
+DYNAMO_OK = torch._dynamo.is_dynamo_supported() and hasattr(torch._dynamo.config, "trace_autograd_ops")
+
+
+@pytest.mark.skipif(not DYNAMO_OK, reason="torch.compile with backward tracing (torch >= 2.11) is unavailable")
+def test_covariate_step_is_one_graph(data):
+    """With covariates (and covariate-specific shifts) SAMS-VAE's whole training step still traces
+    into one graph: no break, no recompile (the GPU's compiled, graph-captured step)."""
+    import warnings
+
+    from sams_core.data.batches import condition_ids
+    from sams_core.training.trainer import Placement, TrainStep
+
+    split = make_split(data, "random", seed=0)
+    model = build_for_data("sams_vae", data, split, covariate_shift=True, align_at=None, **SMALL)
+    pl = Placement(torch.device("cpu"))
+    source = DeviceData(data, np.flatnonzero(split == TRAIN), pl.device, condition_ids(model, data))
+    step = TrainStep(model, source, TrainConfig(device="cpu", batch_size=32, lr=3e-3), pl)
+    step.compile(backend="eager")
+    counters = torch._dynamo.utils.counters
+    graphs = counters["stats"]["unique_graphs"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # a fallback to eager would warn
+        for i in range(4):
+            step.begin_epoch()
+            step(torch.arange(32 * i, 32 * i + 32))
+    assert step.compiled == "default" and step.notes == []
+    assert counters["stats"]["unique_graphs"] - graphs == 1
