@@ -7,6 +7,7 @@ import streamlit as st
 import sams_core
 from explorer import state as S
 from sams_core import plots
+from sams_core.evaluation.glossary import metric_help
 from sams_core.io.manifest import csv_text, markdown_table, metrics_table, model_label
 from sams_core.models.registry import label as family_label
 
@@ -98,6 +99,8 @@ with right:
     if len(metrics) > 1:
         # a Markdown table: no pandas and no data-grid component before the page is drawn
         st.markdown(markdown_table(metrics))
+        with st.expander("What the metrics mean"):
+            st.markdown("\n".join(f"- **{row[0]}**: {metric_help(row[0])}" for row in metrics[1:] if metric_help(row[0])))
         st.download_button("CSV", data=lambda: csv_text(metrics_table(manifest, digits=None)), file_name=f"{S.download_name('metrics')}.csv",
                            mime="text/csv", key="csv_home_metrics", on_click="ignore", icon=":material/download:")
     else:
@@ -123,5 +126,6 @@ data_settings()
 st.markdown(
     "**Pages** — *Masks*: which units each perturbation targets · *Latent space*: UMAP of cells · "
     "*Gene programs*: genes and gene sets of each unit · *Compose*: predict any combination · "
-    "*Compare*: all models on the held-out split · *Train*: fit a new model."
+    "*Compare*: all models on the held-out split · *Train*: fit a new model · "
+    "*Differential expression*: observed volcano per perturbation and a map of perturbations by latent shift."
 )
