@@ -307,7 +307,6 @@ COVARIATE_NAMES = ("cell_type", "cell_line", "batch", "gem_group", "donor", "sam
 #: obs columns the reader writes itself: never offered as a covariate.
 NOT_COVARIATES = ("perturbation", "raw_perturbation")
 SEPARATOR_CHOICES = ("+", "_", "|", ";")
-LIKELIHOOD_CHOICES = ("auto", "nb", "gaussian")
 
 
 @dataclass(frozen=True)
@@ -456,9 +455,11 @@ def data_settings_widgets(data_src: tuple[str, bytes | None]) -> DataSettings | 
         detected = [v for v in values if v.lower() in CONTROL_LABELS]
         controls = widget(st.multiselect, "Control labels", "ds_ctrl", detected, values,
                           help="labels of control cells (no perturbation). Command line: --control-label")
-        lik = widget(st.selectbox, "Likelihood", "ds_lik", "auto", list(LIKELIHOOD_CHOICES),
+        from sams_core.models.registry import LIKELIHOODS
+
+        lik = widget(st.selectbox, "Likelihood", "ds_lik", "auto", ["auto", *LIKELIHOODS],
                      format_func=lambda x: {"auto": "auto (negative binomial for counts, else Gaussian)",
-                                            "nb": "negative binomial (counts)", "gaussian": "Gaussian (log-normalised)"}[x],
+                                            "nb": "negative binomial (counts)", "gaussian": "Gaussian (log-normalised)"}.get(x, x),
                      help="the models' likelihood for expression. Command line: --likelihood")
         cands = covariate_candidates(obs, key)
         covs = widget(st.multiselect, "Covariates", "ds_cov", [c for c in cands if c in COVARIATE_NAMES], cands,

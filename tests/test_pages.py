@@ -253,3 +253,20 @@ def test_differential_expression_page_maps_the_models_perturbations():
     assert len(at.get("plotly_chart")) == 2
     table = at.dataframe[1].value
     assert {"perturbation", "x", "y", "cluster"} <= set(table.columns) and table.cluster.nunique() >= 2
+
+
+def test_train_page_trains_with_the_sidebars_data_settings(tmp_path, screen, monkeypatch):
+    from explorer import state as app_state
+
+    monkeypatch.setattr(app_state, "RUNS_DIR", tmp_path / "runs")
+    at = open_path(own_screen(tmp_path, screen), page="pages/6_Train.py", ds_lik="poisson", ds_cov="cell_type")
+    ok(at)
+    assert any("--likelihood poisson" in c.value for c in at.caption)
+    at.number_input(key="w_train_epochs").set_value(1).run()
+    at.button(key="train_start").click().run()
+    ok(at)
+    (job,) = jobs.list_jobs(tmp_path / "runs")
+    jobs.cancel(job)
+    assert job.spec.data_settings == {"perturbation_key": "condition", "separators": ["+"], "control_labels": ["ctrl"],
+                                      "covariate_keys": ["cell_type"]}
+    assert job.spec.hparams["likelihood"] == "poisson"
