@@ -158,7 +158,7 @@ def test_own_screen_end_to_end(server, tmp_path, screen):
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
             page.goto(server, wait_until="networkidle")
             page.wait_for_selector("h1", timeout=120_000)
-            page.locator('[data-testid="stSidebar"]').get_by_text("Upload", exact=True).click()
+            page.locator('[data-testid="stSidebar"] [data-testid="stRadio"]').get_by_text("Upload", exact=True).click(timeout=120_000)
             page.locator('[data-testid="stSidebar"] input[type="file"]').first.set_input_files(str(path))
             page.get_by_text("No model for this screen yet").first.wait_for(timeout=120_000)
             main = page.locator('[data-testid="stMain"]')
