@@ -171,9 +171,14 @@ def _adata_cached(source: str, content: bytes | None, stamp: tuple | None):
         raise SamsError(f"Could not read {p.name} as an .h5ad file ({type(e).__name__}: {e}).") from e
 
 
-@st.cache_data(show_spinner="Reading data…", max_entries=50)
 def data_summary(source: str, content: bytes | None = None):
-    """Cells, genes, perturbations, combinations and controls of a screen (no model loaded)."""
+    """Cells, genes, perturbations, combinations and controls of a screen (no model loaded),
+    cached by content (a rewritten file is summarised again)."""
+    return _data_summary_cached(source, content, _stamp(source, content))
+
+
+@st.cache_data(show_spinner="Reading data…", max_entries=50)
+def _data_summary_cached(source: str, content: bytes | None, stamp: tuple | None):
     from sams_core.data.summary import screen_summary, summarize_adata
 
     if content is None:
@@ -181,7 +186,7 @@ def data_summary(source: str, content: bytes | None = None):
     return summarize_adata(_adata(source, content))
 
 
-@st.cache_resource(show_spinner="Matching data to the model…")
+@st.cache_resource(show_spinner="Matching data to the model…", max_entries=16)
 def _aligned(model_key: str, data_key: str, _bundle_obj, _adata_obj):
     from sams_core.pipeline import data_for_bundle, split_for_bundle
 
