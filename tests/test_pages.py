@@ -17,7 +17,9 @@ pytestmark = pytest.mark.skipif(not (DEMO / "screen.h5ad").exists(), reason="dem
 
 
 def run(page: str, timeout: int = 120) -> AppTest:
+    """``page`` on the simulated demo (its answer key is what several tests look for)."""
     at = AppTest.from_file(str(ROOT / page), default_timeout=timeout)
+    at.query_params["demo"] = "simulated"
     return at.run()
 
 
