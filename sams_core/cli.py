@@ -224,7 +224,7 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--no-eval", action="store_true", help="skip the evaluation after training")
     t.add_argument("--full-eval", action="store_true",
                    help="evaluate every held-out cell with 100 importance samples and 2,000 predicted cells per condition "
-                        "(default: a seeded sample of at most 1,000 cells per split, 20 importance samples, 500 cells per condition)")
+                        "(default: a seeded sample of at most 1,000 cells per split, 20 importance samples, 200 cells per condition)")
     t.add_argument("--out", required=True, help="where to save the bundle: NAME.sams for one file, else a folder")
     _add_family_options(t)
 

@@ -437,8 +437,8 @@ def split_conditions(data: PerturbationData, split: np.ndarray, which: str) -> l
 
 #: The evaluation ``train`` runs by default, seconds to a minute at Norman scale on a CPU: the
 #: IWELBO of a seeded sample of at most 1,000 cells per split with 20 importance samples, and
-#: 500 posterior-predictive cells per condition for the ATE (:func:`evaluate_model`'s defaults).
-QUICK_EVALUATION: dict[str, int | None] = {"n_iwelbo_samples": 20, "n_ate_samples": 500, "max_iwelbo_cells": 1000}
+#: 200 posterior-predictive cells per condition for the ATE (:func:`evaluate_model`'s defaults).
+QUICK_EVALUATION: dict[str, int | None] = {"n_iwelbo_samples": 20, "n_ate_samples": 200, "max_iwelbo_cells": 1000}
 #: The protocol of DESIGN §3 in full: every cell's IWELBO with 100 importance samples, 2,000
 #: posterior-predictive cells per condition (``train --full-eval``; minutes on large screens).
 FULL_EVALUATION: dict[str, int | None] = {"n_iwelbo_samples": 100, "n_ate_samples": 2000, "max_iwelbo_cells": None}
@@ -449,7 +449,7 @@ def evaluate_model(
     data: PerturbationData,
     split: np.ndarray,
     n_iwelbo_samples: int = 20,
-    n_ate_samples: int = 500,
+    n_ate_samples: int = 200,
     max_iwelbo_cells: int | None = 1000,
     seed: int = 0,
     splits: Sequence[str] = (TRAIN, TEST),
