@@ -733,7 +733,10 @@ def load(sel: Selection) -> Context | None:
     except Exception as e:  # noqa: BLE001 - never a traceback in the app
         st.error(f"Could not load this dataset and model: {type(e).__name__}: {e}")
         return None
-    sb.caption(f"{bundle.label} · {data.n_cells:,} cells × {data.n_genes:,} genes")
+    run = bundle.manifest.get("run") or {}
+    made = f"run {run.get('name')} of {str(run.get('created', ''))[:16].replace('T', ' ')} · " if run.get("name") else ""
+    sb.caption(f"{bundle.label} · {made}screen {Path(label).name} (data hash {data.checksum()[:8]}) · "
+               f"{data.n_cells:,} cells × {data.n_genes:,} genes")
     return Context(source, data_src[0], label, adata, models, model_name, bundle, data, split)
 
 
