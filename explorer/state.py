@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import streamlit as st
 
-from sams_core.demo import DEMO_DIR, DEMO_MODELS, DATA_FILE
+from sams_core.demo import DEFAULT_DEMO, DEMO_DIR, DEMOS, DATA_FILE
 from explorer.jobs import list_jobs
 from explorer.preload import preload_models
 from sams_core.errors import SamsError
@@ -297,8 +297,9 @@ def jobs_data_path(data_src: tuple[str, bytes | None], write: bool = True) -> Pa
     return path
 
 
-def demo_bundles() -> dict[str, tuple[str, None]]:
-    return {n: (str(DEMO_DIR / f"{n}.sams"), None) for n in DEMO_MODELS if (DEMO_DIR / f"{n}.sams").exists()}
+def demo_bundles(demo: str = DEFAULT_DEMO) -> dict[str, tuple[str, None]]:
+    """The bundles shipped with the demo ``demo`` (a key of ``sams_core.demo.DEMOS``)."""
+    return {n: (str(p), None) for n, p in DEMOS[demo].bundle_paths().items()}
 
 
 def _sha(b: bytes) -> str:
@@ -657,9 +658,10 @@ def choose() -> Selection:
     models: dict[str, tuple[str, bytes | None]] = {}
     data_src: tuple[str, bytes | None] | None = None
     if source == "demo":
-        data_src = (str(DEMO_DIR / DATA_FILE), None)
-        models.update(demo_bundles())
-        label = "demo: simulated SAMS screen"
+        key = widget(sb.selectbox, "Demo screen", "demo", DEFAULT_DEMO, list(DEMOS), format_func=lambda k: DEMOS[k].label)
+        data_src = (str(DEMOS[key].data_path), None)
+        models.update(demo_bundles(key))
+        label = f"demo: {DEMOS[key].label}"
     elif source == "path":
         dpath = widget(sb.text_input, "Data (.h5ad path)", "data_path", str(DEMO_DIR / DATA_FILE))
         mpath = widget(sb.text_input, "Model bundle (.sams path)", "model_path", "")
@@ -702,14 +704,22 @@ def choose() -> Selection:
     return Selection(source, data_src, label, models, model_name, settings=settings)
 
 
-def check_same_screen(manifest: dict[str, Any], data: Any, model_name: str, screen_label: str) -> None:
+@st.cache_resource(show_spinner=False, max_entries=50)
+def _checksum(model_key: str, data_key: str, _data) -> str:
+    return _data.checksum()
+
+
+def check_same_screen(manifest: dict[str, Any], data: Any, model_name: str, screen_label: str, checksum: str | None = None) -> None:
     """Refuse a model trained on another screen: the content hash the bundle recorded of its
-    training data against the same hash of this screen read with the bundle's settings (bundles
-    that record none are accepted)."""
+    training data against the same hash of this screen read with the bundle's settings
+    (``checksum``, computed when not given; bundles that record none are accepted)."""
     recorded = (manifest.get("data") or {}).get("checksum")
-    if recorded and recorded != data.checksum():
+    if not recorded:
+        return
+    checksum = checksum or data.checksum()
+    if recorded != checksum:
         raise SamsError(
-            f"{model_name} was trained on another screen (its data hash {recorded} differs from {data.checksum()} "
+            f"{model_name} was trained on another screen (its data hash {recorded} differs from {checksum} "
             f"of {screen_label}). Choose a model trained on this screen, load the screen it was trained on, "
             "or train a model on this screen on the Train page."
         )
@@ -726,7 +736,8 @@ def load(sel: Selection) -> Context | None:
             data, split = _aligned(f"{model_name}:{bundle.checksum()}", f"{data_src[0]}:{_stamp(*data_src)}", bundle, adata)
         except SamsError as e:
             raise SamsError(f"{model_name} was trained on another screen: {e}") from e
-        check_same_screen(bundle.manifest, data, model_name, label)
+        data_hash = _checksum(f"{model_name}:{bundle.checksum()}", data_src[0], data)
+        check_same_screen(bundle.manifest, data, model_name, label, data_hash)
     except SamsError as e:
         st.error(str(e))
         return None
@@ -735,7 +746,7 @@ def load(sel: Selection) -> Context | None:
         return None
     run = bundle.manifest.get("run") or {}
     made = f"run {run.get('name')} of {str(run.get('created', ''))[:16].replace('T', ' ')} · " if run.get("name") else ""
-    sb.caption(f"{bundle.label} · {made}screen {Path(label).name} (data hash {data.checksum()[:8]}) · "
+    sb.caption(f"{bundle.label} · {made}screen {Path(label).name} (data hash {data_hash[:8]}) · "
                f"{data.n_cells:,} cells × {data.n_genes:,} genes")
     return Context(source, data_src[0], label, adata, models, model_name, bundle, data, split)
 
@@ -915,8 +926,9 @@ def export_h5ad_bytes(sel: Selection, umap: bool = True) -> bytes:
 
     adata = _adata(*sel.data_src)
     bundle = _bundle(*sel.models[sel.model_name])
-    data, _ = _aligned(f"{sel.model_name}:{bundle.checksum()}", sel.data_src[0], bundle, adata)
-    check_same_screen(bundle.manifest, data, sel.model_name, sel.data_label)
+    model_key = f"{sel.model_name}:{bundle.checksum()}"
+    data, _ = _aligned(model_key, sel.data_src[0], bundle, adata)
+    check_same_screen(bundle.manifest, data, sel.model_name, sel.data_label, _checksum(model_key, sel.data_src[0], data))
     with tempfile.TemporaryDirectory() as tmp:
         path = write_h5ad(export_screen(adata, bundle, data, umap=umap), Path(tmp) / "export.h5ad")
         return path.read_bytes()

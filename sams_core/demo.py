@@ -35,6 +35,9 @@ from sams_core.errors import SamsError
 from sams_core.settings import SETTINGS
 
 DATA_FILE = "screen.h5ad"
+#: The Latent space page's default number of cells (a seeded subsample above it): layouts of that
+#: many cells ship too, so the page opens on a larger screen without computing a UMAP.
+PAGE_LAYOUT_CELLS = 2000
 PROVENANCE_FILE = "provenance.json"
 LICENSE_FILE = "LICENSE.perturbench.txt"
 
@@ -417,7 +420,8 @@ def _real_readme(rec: dict[str, Any]) -> str:
 
 
 def build_demo_embeddings(out_dir: str | Path = DEMO_DIR, log: Callable[[str], None] | None = print) -> dict[str, Path]:
-    """UMAP layouts (full and basal latents, every cell) of each demo bundle, written to
+    """UMAP layouts (full and basal latents; every cell, and the Latent space page's default
+    subsample of :data:`PAGE_LAYOUT_CELLS` cells) of each demo bundle, written to
     ``out_dir/embeddings`` so that the demo's Latent space page opens without computing them."""
     from sams_core.interpret.embed import umap_embedding
     from sams_core.io.bundle import load_bundle
@@ -434,10 +438,11 @@ def build_demo_embeddings(out_dir: str | Path = DEMO_DIR, log: Callable[[str], N
     for name, path in bundles.items():
         bundle = load_bundle(path, device="cpu")
         data = data_for_bundle(bundle, data_path)
-        for latent in ("full", "basal"):
-            t = time.perf_counter()
-            umap_embedding(bundle, data, latent=latent, max_cells=data.n_cells, shipped_dirs=(), cache_dir=target)
-            say(f"{name}: UMAP of {latent} latents, {time.perf_counter() - t:.1f} s")
+        for n_cells in sorted({data.n_cells, min(PAGE_LAYOUT_CELLS, data.n_cells)}):
+            for latent in ("full", "basal"):
+                t = time.perf_counter()
+                umap_embedding(bundle, data, latent=latent, max_cells=n_cells, shipped_dirs=(), cache_dir=target)
+                say(f"{name}: UMAP of {latent} latents, {n_cells} cells, {time.perf_counter() - t:.1f} s")
     for f in sorted(target.glob("umap_*.npz")):
         written[f"embedding:{f.stem}"] = f
     return written
