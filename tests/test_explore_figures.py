@@ -85,3 +85,18 @@ def test_gene_set_labels_show_the_id_once():
     assert plots.set_label("P1", "P1") == "P1"
     t = pd.DataFrame({"set": ["GO:1", "GO:2"], "description": ["GO:1 apoptosis", "GO:2 growth"], "unit": [0, 0], "q": [0.01, 0.5]})
     assert list(plots.enrichment_heatmap(t).data[0].y) == ["GO:1 apoptosis", "GO:2 growth"]
+
+
+def test_observed_de_on_log_normalised_data_reports_the_mean_difference(screen):
+    a = screen[0].copy()
+    x = np.asarray(a.X.todense(), dtype=np.float32)
+    a.X = np.log1p(1e4 * x / x.sum(1, keepdims=True))
+    data = from_anndata(a)
+    assert not data.is_counts
+    de = observed_de(data, "KLF1", method="t-test").set_index("gene")
+    lab = np.asarray(data.labels).astype(str)
+    g = de.index[0]
+    j = list(data.genes).index(g)
+    expect = (a.X[lab == "KLF1", j].mean() - a.X[lab == "control", j].mean()) / np.log(2)
+    assert de.loc[g, "logfoldchange"] == pytest.approx(expect, rel=1e-4)
+    assert np.abs(de["logfoldchange"]).max() < 10  # no log of a non-positive mean

@@ -21,7 +21,9 @@ def observed_de(data: PerturbationData, condition: str, method: str = "wilcoxon"
     "KLF1+GATA1") against the control cells, with scanpy's ``rank_genes_groups`` on
     library-normalised log1p expression (counts) or the data as given (Gaussian data).
 
-    Returns one row per gene, most significant first: ``gene``, ``logfoldchange`` (log2),
+    Returns one row per gene, most significant first: ``gene``, ``logfoldchange`` (log2; for
+    data not given as counts, the difference of the group means divided by ln 2, i.e. log2 units
+    when the data is natural-log expression),
     ``score``, ``pval``, ``pval_adj`` (Benjamini-Hochberg). At most ``max_cells`` cells of each
     group are used (a fixed random subsample).
     """
@@ -49,9 +51,15 @@ def observed_de(data: PerturbationData, condition: str, method: str = "wilcoxon"
     a.uns["log1p"] = {"base": None}
     sc.tl.rank_genes_groups(a, "group", groups=["perturbed"], reference="control", method=method)
     r = sc.get.rank_genes_groups_df(a, group="perturbed")
+    lfc = r["logfoldchanges"].to_numpy(dtype=float)
+    if not data.is_counts:
+        # scanpy's fold change assumes log1p data it can exponentiate; for data given on a log (or
+        # scaled) scale, the difference of the group means, in log2 units, is what is meaningful
+        diff = pd.Series((x[: cells.size].mean(0) - x[cells.size:].mean(0)) / np.log(2), index=a.var_names)
+        lfc = diff.reindex(r["names"].astype(str)).to_numpy(dtype=float)
     out = pd.DataFrame({
         "gene": r["names"].astype(str).to_numpy(),
-        "logfoldchange": r["logfoldchanges"].to_numpy(dtype=float),
+        "logfoldchange": lfc,
         "score": r["scores"].to_numpy(dtype=float),
         "pval": r["pvals"].to_numpy(dtype=float),
         "pval_adj": r["pvals_adj"].to_numpy(dtype=float),
