@@ -63,3 +63,38 @@ def test_shipped_bundles_load_on_the_screen_with_cell_types_and_held_out_conditi
     trained = {(str(c), str(v)) for c, v in zip(data.labels[split == "train"], lv[split == "train"])}
     assert ("MAPK1", "U87MG") not in trained and ("MAPK1", "T98G") in trained
     assert "tempered" not in bundle.label, "the demo's SAMS-VAE is the paper's (untempered) model"
+
+
+def test_real_demo_layouts_ship_for_the_latent_page(tmp_path):
+    """Every real-demo bundle's UMAP (full and basal; every cell and the page's default 2000-cell
+    subsample) opens from assets/ with nothing computed or written to the user's cache."""
+    from sams_core.demo import PAGE_LAYOUT_CELLS
+    from sams_core.interpret.embed import umap_embedding
+    from sams_core.io.bundle import load_bundle
+    from sams_core.pipeline import data_for_bundle
+
+    for name, path in REAL.bundle_paths().items():
+        bundle = load_bundle(path, device="cpu")
+        data = data_for_bundle(bundle, REAL.data_path)
+        for n_cells in (PAGE_LAYOUT_CELLS, data.n_cells):
+            for latent in ("full", "basal"):
+                emb = umap_embedding(bundle, data, latent=latent, max_cells=n_cells, cache_dir=tmp_path)
+                assert emb.from_cache, f"{name} {latent} {n_cells}: rerun python -m sams_core build-demo --only real --embeddings-only"
+                assert emb.coords.shape == (n_cells, 2)
+    assert not list(tmp_path.iterdir())
+
+
+def test_build_refuses_a_source_that_is_not_the_published_file(tmp_path):
+    from sams_core.demo import REAL_SOURCE_FILE, build_real_demo
+    from sams_core.errors import SamsError
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / REAL_SOURCE_FILE).write_bytes(b"not the screen")
+    (src / LICENSE_FILE).write_text("BSD 3-Clause")
+    out = tmp_path / "out"
+    with pytest.raises(SamsError, match="SHA-256"):
+        build_real_demo(out, src, epochs=1, log=None, progress=False)
+    assert not out.exists(), "nothing is written from a wrong source"
+    with pytest.raises(SamsError, match="not found"):
+        build_real_demo(out, tmp_path / "missing", epochs=1, log=None, progress=False)
