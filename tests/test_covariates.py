@@ -317,3 +317,26 @@ def test_covariate_step_is_one_graph(data):
             step(torch.arange(32 * i, 32 * i + 32))
     assert step.compiled == "default" and step.notes == []
     assert counters["stats"]["unique_graphs"] - graphs == 1
+
+
+def test_covariate_gradient_is_a_sum_over_cells(data):
+    """Two half batches give the whole batch's gradient (what multi-process training relies on),
+    with the noise fixed as a pattern that does not depend on the cell (see test_distributed)."""
+    from test_distributed import deterministic_noise
+
+    split = make_split(data, "random", seed=0)
+    torch.manual_seed(0)
+    model = build_for_data("sams_vae", data, split, covariate_shift=True, **SMALL).double()
+    dd = DeviceData(data, np.arange(90), torch.device("cpu"), np.full(data.n_cells, -1))
+
+    def grads(lo: int, hi: int, weight: float) -> list[torch.Tensor]:
+        b = dd.batch(torch.arange(lo, hi))
+        b.x, b.d, b.library, b.c = b.x.double(), b.d.double(), b.library.double(), b.c.double()
+        g = torch.autograd.grad(model.loss(b).loss * weight, list(model.parameters()), allow_unused=True)
+        return [torch.zeros_like(p) if x is None else x for p, x in zip(model.parameters(), g)]
+
+    with deterministic_noise():
+        whole = grads(0, 90, 1.0)
+        halves = [a + b for a, b in zip(grads(0, 45, 0.5), grads(45, 90, 0.5))]
+    for (name, _), w, h in zip(model.named_parameters(), whole, halves):
+        torch.testing.assert_close(h, w, rtol=1e-10, atol=1e-12, msg=lambda m, name=name: f"{name}: {m}")
