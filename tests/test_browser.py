@@ -186,6 +186,16 @@ def test_own_screen_end_to_end(server, tmp_path, screen):
                 if name != "Train":
                     page.wait_for_selector(".main-svg", timeout=240_000)
                     page.wait_for_timeout(1000)
+                if name == "Latent space":  # a lasso round the middle of the UMAP: the selection's composition
+                    box = page.locator('[data-testid="stPlotlyChart"] .nsewdrag').first.bounding_box()
+                    at = lambda fx, fy: (box["x"] + box["width"] * fx, box["y"] + box["height"] * fy)  # noqa: E731
+                    page.mouse.move(*at(0.2, 0.2))
+                    page.mouse.down()
+                    for fx, fy in ((0.8, 0.2), (0.8, 0.8), (0.2, 0.8), (0.2, 0.25)):
+                        page.mouse.move(*at(fx, fy), steps=6)
+                    page.mouse.up()
+                    page.get_by_text("cells selected:").first.wait_for(timeout=120_000)
+                    page.wait_for_timeout(1000)
                 page.screenshot(path=str(shots / f"own_{name.replace(' ', '_')}.png"))
                 page.locator('[data-testid="stMain"]').evaluate("e => e.scrollTo(0, e.scrollHeight)")
                 page.wait_for_timeout(500)
