@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import streamlit as st
 
-from sams_core.demo import DEMO_DIR, DEMO_MODELS, DATA_FILE
+from sams_core.demo import DEFAULT_DEMO, DEMO_DIR, DEMOS, DATA_FILE
 from explorer.jobs import list_jobs
 from explorer.preload import preload_models
 from sams_core.errors import SamsError
@@ -297,8 +297,9 @@ def jobs_data_path(data_src: tuple[str, bytes | None], write: bool = True) -> Pa
     return path
 
 
-def demo_bundles() -> dict[str, tuple[str, None]]:
-    return {n: (str(DEMO_DIR / f"{n}.sams"), None) for n in DEMO_MODELS if (DEMO_DIR / f"{n}.sams").exists()}
+def demo_bundles(demo: str = DEFAULT_DEMO) -> dict[str, tuple[str, None]]:
+    """The bundles shipped with the demo ``demo`` (a key of ``sams_core.demo.DEMOS``)."""
+    return {n: (str(p), None) for n, p in DEMOS[demo].bundle_paths().items()}
 
 
 def _sha(b: bytes) -> str:
@@ -657,9 +658,10 @@ def choose() -> Selection:
     models: dict[str, tuple[str, bytes | None]] = {}
     data_src: tuple[str, bytes | None] | None = None
     if source == "demo":
-        data_src = (str(DEMO_DIR / DATA_FILE), None)
-        models.update(demo_bundles())
-        label = "demo: simulated SAMS screen"
+        key = widget(sb.selectbox, "Demo screen", "demo", DEFAULT_DEMO, list(DEMOS), format_func=lambda k: DEMOS[k].label)
+        data_src = (str(DEMOS[key].data_path), None)
+        models.update(demo_bundles(key))
+        label = f"demo: {DEMOS[key].label}"
     elif source == "path":
         dpath = widget(sb.text_input, "Data (.h5ad path)", "data_path", str(DEMO_DIR / DATA_FILE))
         mpath = widget(sb.text_input, "Model bundle (.sams path)", "model_path", "")
