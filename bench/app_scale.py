@@ -39,8 +39,8 @@ from __future__ import annotations
 import argparse
 import gc
 import inspect
-import json
 import resource
+import shutil
 import signal
 import sys
 import tempfile
@@ -135,7 +135,7 @@ def timed(rows: list, shape: str, step: str, fn, note: str = "", limit: bool = T
     return out
 
 
-def run_shape(shape: str, scale: float, epochs: int, step_limit: float, tmp: Path) -> list[dict]:
+def run_shape(shape: str, scale: float, epochs: int, step_limit: float, tmp: Path, keep: Path | None = None) -> list[dict]:
     from sams_core import plots
     from sams_core.data.screen import read_h5ad
     from sams_core.data.summary import screen_summary
@@ -165,30 +165,32 @@ def run_shape(shape: str, scale: float, epochs: int, step_limit: float, tmp: Pat
     bundle, _, _ = timed(rows, shape, f"train ({epochs} epoch{'s' if epochs != 1 else ''})",
                          lambda: train_bundle(data, "sams_vae", spec, cfg, evaluate=False, n_latent=20),
                          "untrained (1 step)" if epochs == 0 else "", limit=False)
+    if keep is not None:
+        from sams_core.io.bundle import save_bundle
+
+        keep.mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, keep / f"{shape}.h5ad")
+        save_bundle(keep / f"{shape}.sams", bundle.model, bundle.manifest)
     data = align_to_bundle(data, bundle)
     split = split_for_bundle(bundle, data)
 
-    eval_kw = {}
-    sig = inspect.signature(train_bundle).parameters
-    for k in ("n_iwelbo_samples", "max_iwelbo_cells"):
-        if k in sig:
-            eval_kw[k] = sig[k].default
+    # what `train` evaluates with: before, evaluate_model's defaults with 2,000 ATE samples; now its quick defaults
+    eval_kw = {"n_ate_samples": 2000} if "full_evaluation" not in inspect.signature(train_bundle).parameters else {}
     timed(rows, shape, "train's evaluation (evaluate_model)",
-          lambda: evaluate_model(bundle.model, data, split, seed=0, **eval_kw), json.dumps(eval_kw) if eval_kw else "defaults")
+          lambda: evaluate_model(bundle.model, data, split, seed=0, **eval_kw), "defaults")
 
     def masks():
         probs = bundle.mask_probabilities()
         emb = bundle.embedding_means()
         units = [f"unit {k}" for k in range(bundle.n_latent)]
-        if hasattr(plots, "heatmap_view"):
-            view = plots.heatmap_view(probs, bundle.mask_rows)
-            figs = [plots.mask_heatmap(probs[view.rows], [bundle.mask_rows[i] for i in view.rows], units, 0.5,
-                                       orders=view.orders),
-                    plots.embedding_heatmap(emb[view.rows], [bundle.mask_rows[i] for i in view.rows], units, orders=view.orders)]
-        else:
-            orders = plots.heatmap_orders(probs)
-            figs = [plots.mask_heatmap(probs, bundle.mask_rows, units, 0.5, orders=orders),
-                    plots.embedding_heatmap(emb, bundle.mask_rows, units, orders=orders)]
+        if hasattr(plots, "heatmap_rows"):  # the page's default view: top 60 by targeted units, clustered
+            keep = plots.heatmap_rows(bundle.mask_rows, plots.row_scores("targeted units", probs, emb), "", plots.HEATMAP_ROWS)
+        else:  # before: every row
+            keep = np.arange(len(bundle.mask_rows))
+        names = [bundle.mask_rows[i] for i in keep]
+        orders = plots.heatmap_orders(probs[keep])
+        figs = [plots.mask_heatmap(probs[keep], names, units, 0.5, orders=orders),
+                plots.embedding_heatmap(emb[keep], names, units, orders=orders)]
         return sum(len(f.to_json()) for f in figs)
 
     size = timed(rows, shape, "Masks: heatmaps", masks)
@@ -210,12 +212,11 @@ def run_shape(shape: str, scale: float, epochs: int, step_limit: float, tmp: Pat
     measured = sorted({str(x) for x in data.labels})
     n_singles = sum(1 for m in measured if m != "control" and "+" not in m)
     n_pairs = n_singles * (n_singles - 1) // 2 - sum(1 for m in measured if "+" in m)
-    rank_kw = {}
-    rsig = inspect.signature(effects.rank_unmeasured_pairs).parameters
-    if "max_pairs" in rsig:
-        rank_kw = {}  # the page's default cap applies
-        timed(rows, shape, "Compose: pair ranking (page default)",
-              lambda: effects.rank_unmeasured_pairs(bundle, measured), f"{n_pairs:,} candidate pairs")
+    if "max_pairs" in inspect.signature(effects.rank_unmeasured_pairs).parameters:  # the page's defaults
+        ranked = timed(rows, shape, "Compose: pair ranking (page default)", lambda: effects.rank_unmeasured_pairs(bundle, measured),
+                       f"{n_pairs:,} candidate pairs")
+        if ranked is not None:
+            rows[-1]["note"] += f"; {len(ranked):,} scored, {int(ranked.refined.sum())} refined"
     elif n_pairs > 20_000:
         rows.append({"shape": shape, "step": "Compose: pair ranking (page default)", "seconds": float("nan"),
                      "peak_gb": peak_gb(), "note": f"skipped: {n_pairs:,} pairs (the issue: killed at 14 GB)"})
@@ -223,10 +224,7 @@ def run_shape(shape: str, scale: float, epochs: int, step_limit: float, tmp: Pat
         timed(rows, shape, "Compose: pair ranking (page default)",
               lambda: effects.rank_unmeasured_pairs(bundle, measured), f"{n_pairs:,} pairs")
 
-    csig = inspect.signature(compare_mod.compare_on_heldout).parameters
-    ckw = {"n_cells": 200, "n_ate_samples": 500}  # what the Compare page asked for before
-    if "max_heldout_cells" in csig:
-        ckw = {}
+    ckw = dict(getattr(compare_mod, "QUICK_COMPARE", {"n_cells": 200, "n_ate_samples": 500}))  # what the Compare page asks for
     timed(rows, shape, "Compare (compare_on_heldout)", lambda: compare_mod.compare_on_heldout({"m": bundle}, data, split, **ckw),
           f"{len(set(data.labels[split == 'test']))} held-out conditions")
     return rows
@@ -239,6 +237,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=1, help="training epochs of the bundle (0: untrained, one step)")
     ap.add_argument("--step-limit", type=float, default=600.0)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--keep", default=None, help="a folder to keep each shape's screen (.h5ad) and bundle (.sams) in")
     args = ap.parse_args()
     import pandas as pd
     import torch
@@ -248,7 +247,7 @@ def main() -> None:
     rows: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
         for shape in args.shapes:
-            rows += run_shape(shape, args.scale, args.epochs, args.step_limit, Path(tmp))
+            rows += run_shape(shape, args.scale, args.epochs, args.step_limit, Path(tmp), Path(args.keep) if args.keep else None)
     t = pd.DataFrame(rows)
     print()
     print(f"scale {args.scale:g}, {args.epochs} training epoch(s), {args.threads} threads")
