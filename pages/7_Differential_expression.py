@@ -27,9 +27,10 @@ alpha = S.widget(c3.select_slider, "Adjusted p below", "de_alpha", 0.05, [0.001,
 de = S.guarded(lambda: S.observed_de(data_key, data, cond, method))
 if de is None:
     st.stop()
-n_cells = int((data.labels == cond).sum())
+n_cells = de.attrs.get("n_cells", int((data.labels == cond).sum()))
+n_ctrl = de.attrs.get("n_controls", int(data.control_mask.sum()))
 n_sig = int((de["pval_adj"] < alpha).sum())
-st.caption(f"{cond}: {n_cells:,} cells against {int(data.control_mask.sum()):,} control cells · "
+st.caption(f"{cond}: {n_cells:,} cells against {n_ctrl:,} {de.attrs.get('controls', 'control cells')} · "
            f"{n_sig:,} of {len(de):,} genes with adjusted p < {alpha:g}. " + metric_help("pvals_adj"))
 left, right = st.columns([3, 2])
 with left:

@@ -100,3 +100,26 @@ def test_observed_de_on_log_normalised_data_reports_the_mean_difference(screen):
     expect = (a.X[lab == "KLF1", j].mean() - a.X[lab == "control", j].mean()) / np.log(2)
     assert de.loc[g, "logfoldchange"] == pytest.approx(expect, rel=1e-4)
     assert np.abs(de["logfoldchange"]).max() < 10  # no log of a non-positive mean
+
+
+def test_observed_de_compares_with_controls_of_the_same_cell_type():
+    """Controls of another cell type differ in their own genes: comparing a perturbation with
+    them would report the cell-type difference as an effect."""
+    import anndata as ad
+
+    rng = np.random.default_rng(0)
+    n, g = 240, 30
+    x = rng.normal(0.0, 0.3, size=(n, g)).astype(np.float32)
+    cell_type = np.array(["k562"] * 120 + ["u87"] * 120)
+    cond = np.array((["control"] * 60 + ["KLF1"] * 60) + ["control"] * 120)
+    x[cell_type == "u87", :5] += 3.0   # the other line's own genes
+    x[cond == "KLF1", 10] += 2.0       # the perturbation's gene
+    a = ad.AnnData(x, obs=pd.DataFrame({"condition": cond, "cell_type": cell_type}, index=[f"c{i}" for i in range(n)]))
+    a.var_names = [f"G{i}" for i in range(g)]
+    data = from_anndata(a)
+    de = observed_de(data, "KLF1", method="t-test").set_index("gene")
+    assert de.attrs["n_controls"] == 60 and "k562" in de.attrs["controls"]
+    assert de.loc["G10", "pval_adj"] < 1e-6
+    assert (de.loc[[f"G{i}" for i in range(5)], "pval_adj"] > 0.01).all()
+    with pytest.raises(SamsError, match="not a level"):
+        observed_de(data, "KLF1", level="hela")

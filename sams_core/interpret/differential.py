@@ -16,10 +16,22 @@ from sams_core.errors import SamsError
 __all__ = ["observed_de", "perturbation_map"]
 
 
-def observed_de(data: PerturbationData, condition: str, method: str = "wilcoxon", max_cells: int = 2000, seed: int = 0) -> pd.DataFrame:
+def observed_de(
+    data: PerturbationData,
+    condition: str,
+    method: str = "wilcoxon",
+    max_cells: int = 2000,
+    seed: int = 0,
+    level: str | None = None,
+) -> pd.DataFrame:
     """Differential expression of the cells of ``condition`` (a canonical label such as "KLF1" or
     "KLF1+GATA1") against the control cells, with scanpy's ``rank_genes_groups`` on
     library-normalised log1p expression (counts) or the data as given (Gaussian data).
+
+    On a screen with covariates (e.g. cell types) the perturbed cells are compared with the
+    controls *of their own levels* of the primary covariate, so a cell-type difference is not
+    reported as an effect; ``level`` restricts both groups to one level. ``attrs["controls"]``
+    says which controls were used.
 
     Returns one row per gene, most significant first: ``gene``, ``logfoldchange`` (log2; for
     data not given as counts, the difference of the group means divided by ln 2, i.e. log2 units
@@ -33,10 +45,23 @@ def observed_de(data: PerturbationData, condition: str, method: str = "wilcoxon"
     labels = np.asarray(data.labels).astype(str)
     cells = np.flatnonzero(labels == condition)
     ctrl = np.flatnonzero(data.control_mask)
+    where = ""
+    if data.primary_covariate is not None:
+        cell_levels = data.level_of_cells()
+        if level is not None:
+            if level not in data.levels:
+                raise SamsError(f"{level!r} is not a level of {data.primary_covariate!r}; the levels are {', '.join(data.levels)}.")
+            cells = cells[cell_levels[cells] == level]
+            where = f" in {data.primary_covariate} {level}"
+        used = sorted(set(cell_levels[cells]))
+        ctrl = ctrl[np.isin(cell_levels[ctrl], used)]
+        controls_note = f"controls of {data.primary_covariate} {', '.join(used)}" if used else "controls"
+    else:
+        controls_note = "all controls"
     if cells.size < 2:
-        raise SamsError(f"{condition!r} has {cells.size} cells in this screen: at least 2 are needed. Choose a measured perturbation.")
+        raise SamsError(f"{condition!r} has {cells.size} cells{where} in this screen: at least 2 are needed. Choose a measured perturbation.")
     if ctrl.size < 2:
-        raise SamsError("The screen has fewer than 2 control cells: differential expression needs controls. Check the control labels.")
+        raise SamsError(f"Fewer than 2 control cells match {condition!r}'s cells ({controls_note}): differential expression needs controls. Check the control labels.")
     rng = np.random.default_rng(seed)
     cells = np.sort(rng.choice(cells, max_cells, replace=False)) if cells.size > max_cells else cells
     ctrl = np.sort(rng.choice(ctrl, max_cells, replace=False)) if ctrl.size > max_cells else ctrl
@@ -65,7 +90,9 @@ def observed_de(data: PerturbationData, condition: str, method: str = "wilcoxon"
         "pval_adj": r["pvals_adj"].to_numpy(dtype=float),
     })
     out["_abs"] = -out["score"].abs()
-    return out.sort_values(["pval_adj", "_abs"], kind="stable").drop(columns="_abs").reset_index(drop=True)
+    out = out.sort_values(["pval_adj", "_abs"], kind="stable").drop(columns="_abs").reset_index(drop=True)
+    out.attrs.update(controls=controls_note, n_cells=int(cells.size), n_controls=int(ctrl.size))
+    return out
 
 
 def perturbation_map(distances: pd.DataFrame, n_clusters: int | None = None) -> pd.DataFrame:
