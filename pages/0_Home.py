@@ -16,7 +16,9 @@ st.caption(f"sams_core {sams_core.__version__}")
 st.write(
     "Sparse-mechanism-shift models of single-cell perturbation screens: which few latent processes "
     "each perturbation moves, and what unmeasured combinations would do. Choose a dataset and a model "
-    "in the sidebar (the shipped demo is a simulated screen with its answer key), then open a page."
+    "in the sidebar, then open a page. Two screens ship with the app: a real one (Norman 2019 K562 "
+    "CRISPRa with McFaline-Figueroa 2023 glioma lines, cell type as a covariate) and a simulated one "
+    "whose answer key (true masks and effects) the pages show beside the model."
 )
 
 sel = S.selection()
