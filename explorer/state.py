@@ -754,17 +754,54 @@ def load(sel: Selection) -> Context | None:
 # ---------------------------------------------------------------------------------------------
 # cached computations (keyed by model and data keys; the objects themselves are not hashed)
 @st.cache_data(show_spinner="Predicting…", max_entries=200)
-def predict(model_key: str, _bundle_obj, combo: tuple[tuple[str, float], ...], level: float = 0.9):
+def predict(model_key: str, _bundle_obj, combo: tuple[tuple[str, float], ...], level: float = 0.9,
+            covariate_level: str | None = None):
+    """The model's predicted effect of ``combo`` with its credible interval at ``level``, in
+    ``covariate_level`` of the model's primary covariate (None: pooled at the training shares)."""
     from sams_core.interpret.effects import predict_effect
 
-    return predict_effect(_bundle_obj, dict(combo), level=level)
+    return predict_effect(_bundle_obj, dict(combo), level=level, covariate_level=covariate_level)
 
 
 @st.cache_data(show_spinner="Computing observed effects…")
-def observed(data_key: str, _data) -> pd.DataFrame:
+def observed(data_key: str, _data, level: str | None = None) -> pd.DataFrame:
+    """Observed effect of every measured condition (rows) against the controls of the same level
+    of the primary covariate; ``level`` gives one level's table, None the cell-weighted mean."""
     from sams_core.evaluation.baselines import observed_effects
 
-    return observed_effects(_data)
+    return observed_effects(_data, level=level)
+
+
+#: The Compose picker's choice that predicts at the training shares of the covariate's levels.
+POOLED_LEVEL = "pooled (training shares)"
+
+
+@st.cache_data(show_spinner=False, max_entries=20)
+def cells_per_level(data_key: str, _data) -> pd.DataFrame:
+    """Cells of each condition (rows, controls included) at each level of the primary covariate
+    (columns); empty on a screen without covariates."""
+    import numpy as np
+    import pandas as pd
+
+    if not getattr(_data, "covariates", None):
+        return pd.DataFrame()
+    return pd.crosstab(pd.Series(np.asarray(_data.labels).astype(str), name="condition"),
+                       pd.Series(_data.level_of_cells().astype(str), name="level"))
+
+
+def measured_level(counts: pd.DataFrame, label: str, members: Sequence[str], levels: Sequence[str]) -> str:
+    """The level (among ``levels``) where ``label`` was measured most, else where its members
+    were measured most alone (summed), else the first level."""
+    cols = [lv for lv in levels if lv in counts.columns]
+    if not cols:
+        return levels[0]
+    for rows in ([label], [m for m in members if m != label]):
+        rows = [r for r in rows if r in counts.index]
+        if rows:
+            n = counts.loc[rows, cols].sum(0)
+            if n.max() > 0:
+                return str(n.idxmax())
+    return levels[0]
 
 
 @st.cache_data(show_spinner="Ranking unmeasured pairs…")

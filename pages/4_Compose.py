@@ -7,7 +7,7 @@ import streamlit as st
 from explorer import state as S
 from sams_core import plots
 from sams_core.interpret.effects import MAX_PAIRS, REFINE_TOP, candidate_pairs, compare_with_data, rank_unmeasured_pairs
-from sams_core.labels import split_label
+from sams_core.labels import combination_label, split_label
 
 
 @st.cache_resource(show_spinner=False)
@@ -42,13 +42,44 @@ if not dose:
     st.info("All dosages are 0: that is the control.")
     st.stop()
 
-pred = S.guarded(lambda: S.predict(ctx.model_key, bundle, tuple(sorted(dose.items())), float(level)))
+# a model trained with covariates predicts in one level of its primary covariate (or pooled)
+covariates = getattr(bundle, "covariates", None) or {}
+cov_level = None
+where = ""
+if covariates:
+    cov_name, cov_levels = next(iter(covariates.items()))
+    combo_label = combination_label(dose, perts)
+    counts = S.cells_per_level(ctx.data_key, data)
+    auto = S.measured_level(counts, combo_label, list(dose), list(cov_levels))
+    ss = st.session_state
+    # the default follows the combination (where it was measured most) until a level is picked
+    if "w_compose_covariate" in ss and ss.get("compose_covariate_for") != combo_label and not ss.get("compose_covariate_picked"):
+        ss["w_compose_covariate"] = auto
+    ss["compose_covariate_for"] = combo_label
+    picked = S.widget(st.selectbox, f"Predict in which {cov_name}", "compose_covariate", auto, list(cov_levels) + [S.POOLED_LEVEL],
+                      on_change=lambda: ss.__setitem__("compose_covariate_picked", True),
+                      help=f"The model was trained with {cov_name} as a covariate: its prediction (and the observed effect "
+                           f"beside it) is for the cells of one {cov_name}, or '{S.POOLED_LEVEL}' for the levels mixed at "
+                           "their shares of the training cells (the observed effect then averages the levels by cells). "
+                           f"Default: the {cov_name} where these perturbations were measured most.")
+    cov_level = None if picked == S.POOLED_LEVEL else picked
+    where = f" in {cov_level}" if cov_level else f" pooled over {cov_name}"
+
+pred = S.guarded(lambda: S.predict(ctx.model_key, bundle, tuple(sorted(dose.items())), float(level), cov_level))
 if pred is None:
     st.stop()
 table = pred.table()
 label = pred.label  # canonical at unit dosages, so it matches the screen's labels
-status = "held out (test)" if label in held else ("measured (train/val)" if label in measured else "not measured")
-st.subheader(f"{pred.label} — {status}")
+if cov_level is not None:
+    held_pairs = {(str(c), str(lv)) for c, lv in bundle.split_spec.get("test_pairs", [])}
+    n_here = int(counts.at[label, cov_level]) if label in counts.index and cov_level in counts.columns else 0
+    status = ("held out (test)" if (label, cov_level) in held_pairs or (not held_pairs and label in held and n_here)
+              else f"measured (train/val), {n_here:,} cells" if n_here else f"not measured in {cov_level}")
+else:
+    held_in = sorted({str(lv) for c, lv in bundle.split_spec.get("test_pairs", []) if str(c) == label})
+    status = (f"held out (test) in {', '.join(held_in)}" if held_in else "held out (test)") if label in held else (
+        "measured (train/val)" if label in measured else "not measured")
+st.subheader(f"{pred.label}{where} — {status}")
 m = st.columns(4)
 m[0].metric("Interaction score", f"{pred.interaction_score:.3f}", help="‖combination − sum of singles‖ / ‖combination‖ (0 = additive)")
 m[1].metric("Effect norm", f"{pred.effect_norm:.2f}")
@@ -57,30 +88,38 @@ m[3].metric("Genes with interval excluding 0", pred.n_genes_excluding_zero)
 
 a, b = st.columns(2)
 with a:
-    S.chart(plots.top_genes_bar(table, 20, title=f"Top genes · {pred.label} ({level:.0%} interval)"), f"{pred.label}_top_genes", "compose_top")
+    S.chart(plots.top_genes_bar(table, 20, title=f"Top genes · {pred.label}{where} ({level:.0%} interval)"),
+            f"{pred.label}{where}_top_genes", "compose_top")
 with b:
-    S.chart(plots.effect_volcano(table, title=f"Effect vs uncertainty · {pred.label}"), f"{pred.label}_volcano", "compose_volcano")
+    S.chart(plots.effect_volcano(table, title=f"Effect vs uncertainty · {pred.label}{where}"), f"{pred.label}{where}_volcano", "compose_volcano")
 
 a, b = st.columns(2)
 with a:
-    S.chart(plots.latent_shift_bar(pred.latent_shift, f"Latent shift · {pred.label}"), f"{pred.label}_latent_shift", "compose_shift")
+    S.chart(plots.latent_shift_bar(pred.latent_shift, f"Latent shift · {pred.label}{where}"), f"{pred.label}{where}_latent_shift", "compose_shift")
 with b:
-    cmp = compare_with_data(pred, S.observed(ctx.data_key, data))
+    obs = S.observed(ctx.data_key, data, cov_level)
+    cmp = compare_with_data(pred, obs)
     if "observed" in cmp:
-        S.chart(plots.observed_vs_predicted(cmp["observed"].to_numpy(), pred.mean, pred.genes, f"{pred.label}: observed vs predicted"),
-                f"{pred.label}_observed_vs_predicted", "compose_obs")
+        S.chart(plots.observed_vs_predicted(cmp["observed"].to_numpy(), pred.mean, pred.genes, f"{pred.label}{where}: observed vs predicted"),
+                f"{pred.label}{where}_observed_vs_predicted", "compose_obs")
+        if cov_level:
+            st.caption(f"Observed: the {cov_level} cells of {pred.label} against the {cov_level} controls.")
+        elif covariates:
+            st.caption(f"Observed: each {cov_name}'s cells against its own controls, averaged over the levels by cells.")
     else:
-        st.info(f"{pred.label} was not measured, so there is no observed effect to compare with.")
+        st.info(f"{pred.label} was not measured{where if cov_level else ''}, so there is no observed effect to compare with.")
+    for note in obs.attrs.get("notes", []) or []:
+        st.caption(note)
 
 if len(dose) > 1:
     st.markdown("**Against the sum of singles and the additive-in-data baseline**")
     a, b = st.columns(2)
     with a:
-        S.chart(plots.observed_vs_predicted(cmp["sum of predicted singles"].to_numpy(), pred.mean, pred.genes, "Sum of singles vs combination",
+        S.chart(plots.observed_vs_predicted(cmp["sum of predicted singles"].to_numpy(), pred.mean, pred.genes, f"Sum of singles vs combination{where}",
                                             x_title="sum of predicted singles (log2 FC)"), f"{pred.label}_vs_sum_of_singles", "compose_sum")
     with b:
         if "additive in data" in cmp:
-            S.chart(plots.observed_vs_predicted(cmp["additive in data"].to_numpy(), pred.mean, pred.genes, "Additive-in-data vs model",
+            S.chart(plots.observed_vs_predicted(cmp["additive in data"].to_numpy(), pred.mean, pred.genes, f"Additive-in-data vs model{where}",
                                                 x_title="sum of observed singles (log2 FC)"), f"{pred.label}_vs_additive", "compose_add")
     with st.expander("Per-gene table"):
         S.show_table(cmp.merge(table, on="gene"), f"{pred.label}_comparison", "compose_cmp", height=300)
@@ -93,7 +132,9 @@ singles, n_candidates = candidate_pairs(bundle, sorted(measured))
 st.caption(f"{n_candidates:,} unmeasured pairs of {len(singles):,} measured singles, ranked by predicted interaction, "
            "then by uncertainty. Every pair is scored with the same (paired) posterior draws, so differences between "
            f"pairs are not Monte-Carlo noise. Above {MAX_PAIRS:,} pairs, those whose members' latent shifts overlap most "
-           "are scored; the top ones are refined with full posterior draws and a 90 % interval.")
+           "are scored; the top ones are refined with full posterior draws and a 90 % interval."
+           + (f" The ranking is pooled over {cov_name} (its levels at their training shares), whichever {cov_name} is picked above."
+              if covariates else ""))
 if S.widget(st.toggle, "Rank unmeasured pairs", "compose_rank", n_candidates <= 500):
     c1, c2 = st.columns(2)
     n_score = S.widget(c1.number_input, "Pairs to score", "compose_rank_pairs", min(MAX_PAIRS, max(n_candidates, 1)),
