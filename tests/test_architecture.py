@@ -73,7 +73,6 @@ def imports(path: Path) -> list[tuple[str, int, bool, str]]:
     for node in ast.walk(tree):
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
             func_lines.update(range(node.lineno, (node.end_lineno or node.lineno) + 1))
-    me = module_name(path)
     out = []
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):

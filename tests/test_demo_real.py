@@ -4,8 +4,6 @@ conditions they never trained on. No training: the shipped files are read."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from sams_core.demo import DEFAULT_DEMO, DEMOS, LICENSE_FILE, REAL_HELDOUT_PAIRS, REAL_SHA256, file_sha256, read_provenance
