@@ -6,7 +6,14 @@ import streamlit as st
 
 from explorer import state as S
 from sams_core import plots
-from sams_core.evaluation.compare import QUICK_COMPARE, add_truth_scores, compare_on_heldout
+from sams_core.evaluation.compare import (
+    MIN_RELIABLE_CONDITIONS,
+    QUICK_COMPARE,
+    add_truth_scores,
+    compare_on_heldout,
+    flag_unreliable,
+    per_level_metrics,
+)
 
 
 @st.cache_resource(show_spinner=False)
@@ -65,6 +72,10 @@ if truth is not None:
 for _, r in table[table["collapsed"]].iterrows():
     st.warning(f"{r['model']} looks collapsed: its predicted effects are nearly the same for every held-out condition.")
 
+table = flag_unreliable(table)
+if not table["reliable"].all():
+    st.warning(f"Scored on fewer than {MIN_RELIABLE_CONDITIONS} held-out conditions: these scores are unreliable "
+               "(one condition's R² can be anything); read them as anecdotes, not as a ranking.")
 S.show_table(table, "heldout_comparison", "compare_table")
 metric_opts = [c for c in ["ate_r", "ate_r2", "ate_r_top20", "ate_r2_top20", "calibration_slope", "calibration_slope_top20", "cosine",
                             "cosine_rank", "energy_distance", "iwelbo", "mask_f1", "mask_precision", "mask_recall"] if c in table]
@@ -77,3 +88,28 @@ st.caption("ate_r / R²: correlation of predicted and observed effects over gene
            "cosine_rank: for each observed effect, the share of other predictions closer to it than its own (0 best, 0.5 chance); "
            "energy_distance: held-out vs predicted cells in PCA space, lower is better, energy_floor is what two halves of the "
            "held-out cells score; mask_f1: recovery of the simulator's true masks.")
+
+# models trained with covariates: their scores per level of the primary covariate
+per = per_level_metrics(bundles)
+if not per.empty:
+    cov_name = next(iter(next(b for b in bundles.values() if b.covariates).covariates))
+    st.subheader(f"Per {cov_name} (held-out cells)")
+    per.insert(1, "model", [labels.get(n, n) for n in per["name"]])
+    levels = sorted(per["level"].unique())
+    shown_level = S.widget(st.selectbox, f"{cov_name}", "compare_level", "all levels", ["all levels", *levels],
+                           help=f"Scores of each {cov_name}'s held-out cells against that {cov_name}'s controls.")
+    shown = per if shown_level == "all levels" else per[per["level"] == shown_level]
+    missing = [labels.get(n, n) for n in bundles if n not in set(per["name"])]
+    st.caption(f"Recorded when each model was trained: every held-out cell of each {cov_name}, against the controls of "
+               f"the same {cov_name} (not the subsample scored above); baselines are in the table above, pooled. "
+               f"Rows on fewer than {MIN_RELIABLE_CONDITIONS} conditions are marked reliable = False."
+               + (f" No per-{cov_name} scores recorded for: {', '.join(missing)}." if missing else ""))
+    bad = shown[~shown["reliable"]]
+    if len(bad):
+        st.warning("Unreliable (fewer than {} conditions): {}.".format(
+            MIN_RELIABLE_CONDITIONS, "; ".join(f"{r['model']} in {r['level']} ({int(r['n_conditions'])} conditions)" for _, r in bad.iterrows())))
+    S.show_table(shown, f"heldout_per_{cov_name}", "compare_level_table")
+    level_metrics = [m for m in metrics if m in shown]
+    if level_metrics and shown_level != "all levels":
+        S.chart(plots.comparison_bars(shown.assign(name=shown["model"], kind="model"), level_metrics,
+                                      title=f"Held-out comparison in {shown_level}"), f"heldout_comparison_{shown_level}", "compare_level_bars")

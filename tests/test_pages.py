@@ -3,6 +3,7 @@ and turns bad uploads into messages (streamlit.testing AppTest)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -140,6 +141,54 @@ def test_compare_page():
     df = at.dataframe[0].value
     assert {"no change", "additive in data"} <= set(df["name"])
     assert "mask_f1" in df.columns
+
+
+REAL = ROOT / "assets" / "demo_real"
+
+
+@pytest.mark.skipif(not (REAL / "screen.h5ad").exists(), reason="real demo not built (python -m sams_core build-demo)")
+def test_compose_on_the_real_demo_predicts_in_the_chosen_cell_type():
+    at = AppTest.from_file(str(ROOT / "pages/4_Compose.py"), default_timeout=180)
+    at.query_params["demo"] = "real"
+    at.query_params["compose_members"] = "MAP2K3"
+    at.query_params["compose_rank"] = "false"  # the pair ranking is not what this test looks at
+    at.run()
+    ok(at)
+    picker = at.selectbox(key="w_compose_covariate")
+    assert picker.label == "Predict in which cell_type"
+    assert set(picker.options) == {"A172", "T98G", "U87MG", "k562", "pooled (training shares)"}
+    first, norm = picker.value, at.metric[1].value
+    assert first != "k562"  # MAP2K3 is a glioma-line perturbation: the default is a glioma line, where it was measured most
+    assert at.subheader[0].value.startswith(f"MAP2K3 in {first}")
+    assert any(f"the {first} cells of MAP2K3 against the {first} controls" in c.value for c in at.caption)
+    other = next(lv for lv in ("A172", "T98G", "U87MG") if lv != first)
+    picker.select(other).run()
+    ok(at)
+    assert at.subheader[0].value.startswith(f"MAP2K3 in {other}")
+    assert at.metric[1].value != norm  # the effect predicted in another cell line differs
+    titles = [json.loads(c.proto.spec)["layout"].get("title", {}).get("text", "") for c in at.get("plotly_chart")]
+    assert any(f"MAP2K3 in {other}" in t for t in titles), titles  # the charts say which cell line
+    at.selectbox(key="w_compose_covariate").select("pooled (training shares)").run()
+    ok(at)
+    assert "pooled over cell_type" in at.subheader[0].value
+
+
+@pytest.mark.skipif(not (REAL / "screen.h5ad").exists(), reason="real demo not built (python -m sams_core build-demo)")
+def test_compare_on_the_real_demo_shows_scores_per_cell_type():
+    at = AppTest.from_file(str(ROOT / "pages/5_Compare.py"), default_timeout=240)
+    at.query_params["demo"] = "real"
+    at.run()
+    ok(at)
+    assert "Per cell_type (held-out cells)" in [s.value for s in at.subheader]
+    per = at.dataframe[1].value
+    assert {"model", "level", "n_conditions", "reliable"} <= set(per.columns)
+    assert {"U87MG", "k562"} <= set(per["level"])  # the held-out glioma line and the held-out Norman pairs
+    assert set(per.loc[per["n_conditions"] < 3, "reliable"]) <= {False} and per.loc[per["n_conditions"] >= 3, "reliable"].all()
+    assert any("Unreliable" in w.value and "sVAE+ in k562" in w.value for w in at.warning)  # sVAE+ cannot predict the pairs
+    at.selectbox(key="w_compare_level").select("U87MG").run()
+    ok(at)
+    assert set(at.dataframe[1].value["level"]) == {"U87MG"}
+    assert len(at.get("plotly_chart")) == 2  # the pooled bars and the bars of U87MG
 
 
 def test_train_page_trains_and_saves(tmp_path, monkeypatch):

@@ -311,3 +311,41 @@ def compare_on_heldout(
         rows.append(r)
     table = pd.DataFrame(rows)
     return add_truth_scores(table, bundles, truth) if truth is not None else table
+
+
+# ---------------------------------------------------------------------------------------------
+# per covariate level, and how far a score can be trusted
+#: Scores over fewer conditions than this are flagged unreliable (one pair's R² can be −393).
+MIN_RELIABLE_CONDITIONS = 3
+
+
+def flag_unreliable(table: pd.DataFrame, min_conditions: int = MIN_RELIABLE_CONDITIONS) -> pd.DataFrame:
+    """``table`` with a ``reliable`` column: False on rows whose scores were computed over fewer
+    than ``min_conditions`` conditions (``n_conditions``), True elsewhere (also without the column)."""
+    out = table.copy()
+    n = pd.to_numeric(out["n_conditions"], errors="coerce") if "n_conditions" in out else pd.Series(np.nan, index=out.index)
+    out["reliable"] = ~(n < min_conditions)
+    return out
+
+
+def per_level_metrics(bundles: Mapping[str, ModelBundle], which: str = "test",
+                      min_conditions: int = MIN_RELIABLE_CONDITIONS) -> pd.DataFrame:
+    """Each model's scores per level of its primary covariate, as recorded at training
+    (``manifest["metrics_per_level"][which]``: the ``which`` split's cells of each level against
+    that level's controls, :func:`~sams_core.evaluation.metrics.evaluate_model`).
+
+    One row per (model, level): ``name``, ``level``, then the recorded metrics (``n_conditions``,
+    ``n_cells``, ``iwelbo``, ATE r / R², cosine, calibration, ...) and ``reliable``
+    (:func:`flag_unreliable`). Models without per-level metrics (no covariates, or trained before
+    they were recorded) have no rows; the table is empty when none has any.
+    """
+    rows = []
+    for name, bundle in bundles.items():
+        per = (bundle.manifest.get("metrics_per_level") or {}).get(which) or {}
+        for level, scores in per.items():
+            rows.append({"name": name, "level": str(level), **{k: v for k, v in scores.items() if isinstance(v, (int, float))}})
+    if not rows:
+        return pd.DataFrame(columns=["name", "level", "n_conditions", "reliable"])
+    out = flag_unreliable(pd.DataFrame(rows), min_conditions)
+    first = [c for c in ("name", "level", "n_conditions", "reliable", "n_cells") if c in out]
+    return out[first + [c for c in out.columns if c not in first]]
