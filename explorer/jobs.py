@@ -48,7 +48,9 @@ class JobSpec:
     """What to train: the screen (a path), how to read it, the model and how to train it.
 
     ``split`` holds :class:`sams_core.pipeline.SplitSpec` fields: the same fields on the same
-    screen give the same split, which is how a new run joins another model's Compare table.
+    screen give the same split, and ``heldout`` names the test set exactly (another model's
+    recorded held-out conditions, ``explorer.train_form.same_split``), which is how a new run
+    joins that model's Compare table.
     """
 
     name: str

@@ -15,7 +15,7 @@ from typing import Any
 
 import streamlit as st
 
-from explorer import jobs
+from explorer import jobs, train_form
 from explorer import state as S
 from sams_core import plots
 from sams_core.data.splits import SPLIT_KINDS
@@ -52,9 +52,24 @@ def option_widget(where: Any, family: str, opt: registry.Option) -> Any:
 
 
 specs = {s.name: s for s in registry.families()}
-c = st.columns(2)
+NEW_SPLIT = "(a new split)"
+c = st.columns(3)
 family = S.widget(c[0].selectbox, "Model family", "train_family", "sams_vae", list(specs), format_func=lambda n: specs[n].label)
-split_kind = S.widget(c[1].selectbox, "Split", "train_split", "heldout-combos", SPLIT_KINDS)
+same_as = S.widget(c[1].selectbox, "Same split as model", "train_same_split", NEW_SPLIT, [NEW_SPLIT, *sel.models],
+                   help="Reuse a model's recorded split (kind, fractions, seed and its exact held-out conditions), so the "
+                        "new run is scored on the same test cells and appears in that model's Compare table.")
+reused: dict[str, Any] | None = None
+if same_as != NEW_SPLIT and same_as in sel.models:
+    manifest = S.guarded(lambda: read_manifest(sel.models[same_as][1] or sel.models[same_as][0]))
+    reused = S.guarded(lambda: train_form.same_split(manifest)) if manifest is not None else None
+    if reused is not None:
+        c[1].caption(f"Split of {same_as}: {train_form.split_summary(reused)}")
+        mismatch = train_form.settings_mismatch(manifest, sel.settings.read_kwargs() if sel.settings else {})
+        if mismatch:
+            st.warning(mismatch)
+split_kind = S.widget(c[2].selectbox, "Split", "train_split", "heldout-combos", SPLIT_KINDS, disabled=reused is not None)
+if reused is not None:
+    split_kind = reused["kind"]
 spec = specs[family]
 st.caption(spec.summary)
 options: dict[str, Any] = {}
@@ -71,7 +86,8 @@ c = st.columns(4)
 n_latent = S.widget(c[0].number_input, "Latent units", "train_latent", 6, min_value=1, max_value=100, step=1)
 n_hidden = S.widget(c[1].number_input, "Hidden units", "train_hidden", 64, min_value=8, max_value=1024, step=8)
 epochs = S.widget(c[2].number_input, "Epochs", "train_epochs", 20, min_value=1, max_value=2000, step=10)
-fraction = S.widget(c[3].number_input, "Held-out fraction", "train_fraction", 0.25, min_value=0.0, max_value=0.9, step=0.05)
+fraction = S.widget(c[3].number_input, "Held-out fraction", "train_fraction", 0.25, min_value=0.0, max_value=0.9, step=0.05,
+                    disabled=reused is not None)
 default_name = "_".join([family, *(str(options[n]) for n in spec.label_options), f"{n_latent}u", f"{epochs}ep"])
 name = st.text_input("Run name", default_name, key=f"train_name_{default_name}")
 
@@ -87,7 +103,7 @@ if st.button("Start training", type="primary", key="train_start", disabled=refus
     job_spec = jobs.JobSpec(
         name=name, data=str(S.jobs_data_path(sel.data_src)), family=family, hparams=hp,
         data_settings=ds.read_kwargs() if ds is not None else {},
-        split={"kind": split_kind, "fraction": float(fraction)}, config={"epochs": int(epochs), "batch_size": 256},
+        split=reused if reused is not None else {"kind": split_kind, "fraction": float(fraction)}, config={"epochs": int(epochs), "batch_size": 256},
     )
     job = S.guarded(lambda: jobs.submit(S.RUNS_DIR, job_spec, in_process=in_process))
     if job is not None:

@@ -16,7 +16,7 @@ import pandas as pd
 
 from sams_core.data.contract import check_same_kind
 from sams_core.data.screen import PerturbationData, from_anndata, read_h5ad
-from sams_core.data.splits import TRAIN, heldout_pairs, make_split
+from sams_core.data.splits import TEST, TRAIN, heldout_pairs, make_split
 from sams_core.errors import SamsError
 from sams_core.evaluation.metrics import FULL_EVALUATION, QUICK_EVALUATION, Evaluation, evaluate_model
 from sams_core.io.bundle import ModelBundle, check_output, load_bundle, make_manifest, save_bundle
@@ -29,6 +29,9 @@ class SplitSpec:
 
     ``level``: for ``heldout-covariate``, hold perturbations out at this level of the primary
     covariate only (e.g. one cell line); None draws (condition, level) pairs at any level.
+    ``heldout``: the test set named exactly (conditions, or (condition, level) pairs for
+    ``heldout-covariate``), e.g. another bundle's recorded test set so that a new run is scored on
+    the same held-out cells; None draws it from ``fraction`` and ``seed``.
     """
 
     kind: str = "heldout-combos"
@@ -37,14 +40,31 @@ class SplitSpec:
     test_fraction: float = 0.1
     seed: int = 0
     level: str | None = None
+    heldout: list[Any] | None = None
 
     def make(self, data: PerturbationData, heldout: list[Any] | None = None) -> np.ndarray:
-        return make_split(
-            data, self.kind, self.fraction, self.val_fraction, self.test_fraction, self.seed, heldout, self.level
+        """Each cell's set; ``heldout`` (else the spec's own) names the test set."""
+        chosen = heldout if heldout is not None else self.heldout
+        split = make_split(
+            data, self.kind, self.fraction, self.val_fraction, self.test_fraction, self.seed, chosen, self.level
         )
+        if heldout is None and self.heldout is not None:
+            # the seeded split, when it holds out the very same cells, gives the same validation cells too
+            try:
+                seeded = make_split(
+                    data, self.kind, self.fraction, self.val_fraction, self.test_fraction, self.seed, None, self.level
+                )
+            except SamsError:
+                return split
+            if np.array_equal(seeded == TEST, split == TEST):
+                return seeded
+        return split
 
     def as_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        d = dict(self.__dict__)
+        if d.get("heldout") is None:
+            d.pop("heldout", None)
+        return d
 
 
 def split_record(spec: SplitSpec, data: PerturbationData, split: np.ndarray) -> dict[str, Any]:
