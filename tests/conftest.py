@@ -22,6 +22,16 @@ if str(ROOT) not in sys.path:
 torch.set_num_threads(2)
 
 
+@pytest.fixture(autouse=True)
+def _keep_main_module():
+    """Streamlit's AppTest runs a page as ``__main__`` and leaves it there; processes started with
+    the spawn method (torch.distributed tests) would then re-run that page instead of the test."""
+    main = sys.modules.get("__main__")
+    yield
+    if main is not None:
+        sys.modules["__main__"] = main
+
+
 def toy_screen(seed: int = 0, n_per: int = 150, n_genes: int = 60, n_latent: int = 4) -> tuple[ad.AnnData, np.ndarray]:
     """Counts from z = z_b + Σ d_t m_t e_t through a random nonlinear decoder; returns (adata, masks)."""
     rng = np.random.default_rng(seed)
