@@ -43,6 +43,15 @@ def ate_transform(x: np.ndarray | torch.Tensor, library: np.ndarray | torch.Tens
     return np.log2(1 + LIBRARY_SCALE * np.asarray(x) / lib)
 
 
+def expected_ate(model: PerturbationModel, out: torch.Tensor, is_counts: bool) -> torch.Tensor:
+    """Expected expression of decoder outputs ``out`` at library size 1e4 on the ATE scale:
+    ``ate_transform(model.likelihood.mean(out, 1e4), 1e4, is_counts)``. For counts (softmax means)
+    it is computed in place as log2(1 + 1e4·softmax(out)), the same value in a third of the time."""
+    if is_counts and model.likelihood.kind in ("nb", "poisson"):
+        return torch.softmax(out.float(), dim=-1).mul_(LIBRARY_SCALE).log1p_().mul_(1.0 / math.log(2.0))
+    return ate_transform(model.likelihood.mean(out, LIBRARY_SCALE), LIBRARY_SCALE, is_counts)
+
+
 def condition_means(data: PerturbationData, cells: np.ndarray | None = None) -> pd.DataFrame:
     """Mean expression on the ATE scale of each condition (rows) over ``cells`` (all when None)."""
     idx = np.arange(data.n_cells) if cells is None else np.asarray(cells)

@@ -21,7 +21,7 @@ from scipy.spatial.distance import pdist, squareform
 
 from sams_core.errors import SamsError
 from sams_core.evaluation.baselines import additive_baseline
-from sams_core.evaluation.metrics import LIBRARY_SCALE, ate_transform, model_ate_draws, seeded
+from sams_core.evaluation.metrics import expected_ate, model_ate_draws, seeded
 from sams_core.io.bundle import ModelBundle
 from sams_core.labels import (
     Combination,
@@ -192,53 +192,98 @@ Progress = Callable[[str, float], None]
 RANK_COLUMNS = ["pair", "interaction_score", "uncertainty", "effect_norm", "refined", "rank_interaction", "rank_uncertainty"]
 
 
+def _pair_scores(mean_pair: torch.Tensor, mean_a: torch.Tensor, mean_b: torch.Tensor, mean_ctrl: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """(interaction score, effect norm) of pairs from ATE-scale means [r, G] of each pair, its
+    members and the control (:func:`rank_unmeasured_pairs`)."""
+    norm = torch.linalg.vector_norm(mean_pair - mean_ctrl, dim=-1)
+    inter = torch.linalg.vector_norm(mean_pair - mean_a - mean_b + mean_ctrl, dim=-1)
+    score = torch.where(norm > 0, inter / norm.clamp_min(1e-12), torch.zeros_like(norm))
+    return score.cpu().numpy().astype(np.float64), norm.cpu().numpy().astype(np.float64)
+
+
 @torch.no_grad()
-def _paired_ate(model, d_sets: Sequence[np.ndarray], globals_: dict, n_per_global: int, seed: int, is_counts: bool) -> list[torch.Tensor]:
-    """ATE-scale expected expression [draws, R, G] of several dosage blocks of the same R rows,
-    every block decoded with the same global draws and, under the same seed, the same basal
-    draws at each row position (the families draw z_b per (draw, row)), so row i of one block
-    and row i of another differ only by their dosages: paired Monte-Carlo draws."""
+def _first_pass(model, pairs: np.ndarray, n_perts: int, n_basal: int, seed: int, is_counts: bool, chunk: int,
+                progress: Progress | None, lo: float, hi: float) -> dict[str, np.ndarray]:
+    """Interaction score and effect norm of ``pairs`` ([P, 2] perturbation positions) at the
+    expected latent shifts, every condition decoded at the same ``n_basal`` basal latents z_b ~ N(0, I):
+    the control and each member once, the pairs ``chunk`` at a time (a few matrix products)."""
     dev = model.input_mean.device
-    out = []
-    for d in d_sets:
-        with seeded(dev, seed):
-            o = model.predict(torch.as_tensor(d, device=dev), globals_, n_per_global)
-            out.append(ate_transform(model.likelihood.mean(o, LIBRARY_SCALE), LIBRARY_SCALE, is_counts))
-    return out
+    with seeded(dev, seed):
+        z_b = torch.randn(n_basal, 1, model.n_latent, device=dev)
+    eye = torch.eye(n_perts, device=dev)
 
+    def ate_mean(d: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:  # [R, T], [R, K] → [R, G]
+        c = model.prediction_covariates(None, d.shape[0])
+        out = model.decode(z_b + shift, d.expand(n_basal, *d.shape), c)
+        return expected_ate(model, out, is_counts).mean(0)
 
-def _pair_pass(model, pairs: np.ndarray, n_perts: int, globals_: dict, n_per_global: int, seed: int, is_counts: bool,
-               chunk: int, keep_draws: bool, progress: Progress | None, lo: float, hi: float) -> dict[str, np.ndarray]:
-    """Interaction score, effect norm (and with ``keep_draws`` the interval width) of ``pairs``
-    ([P, 2] perturbation positions), chunk by chunk with paired draws (see :func:`_paired_ate`)."""
+    members = np.unique(pairs)
+    ctrl_d = torch.zeros(1, n_perts, device=dev)
+    shift0 = model.latent_shift(ctrl_d)
+    single_shift = model.latent_shift(eye[members])  # [M, K]
+    where = np.full(n_perts, -1)
+    where[members] = np.arange(members.size)
+    mean_ctrl = ate_mean(ctrl_d, shift0)
+    mean_single = torch.cat([ate_mean(eye[members[s : s + chunk]], single_shift[s : s + chunk]) for s in range(0, members.size, chunk)])
+    # composing families' shifts add over members (checked on the first block; else asked per block)
+    additive = None
     n = len(pairs)
-    res = {k: np.zeros(n) for k in ("interaction_score", "effect_norm", "uncertainty")}
-    eye = np.eye(n_perts, dtype=np.float32)
-    ctrl = None
+    res = {"interaction_score": np.zeros(n), "effect_norm": np.zeros(n), "uncertainty": np.full(n, np.nan)}
     for start in range(0, n, chunk):
         part = pairs[start : start + chunk]
-        r = len(part)
-        da, db = eye[part[:, 0]], eye[part[:, 1]]
-        pad = chunk - r  # every block has `chunk` rows, so row positions (and their z_b) line up across chunks
-        blocks = [np.vstack([x, np.zeros((pad, n_perts), np.float32)]) for x in (da + db, da, db)]
-        if ctrl is None:
-            ctrl = _paired_ate(model, [np.zeros((chunk, n_perts), np.float32)], globals_, n_per_global, seed, is_counts)[0]
-        vab, va, vb = _paired_ate(model, blocks, globals_, n_per_global, seed, is_counts)
-        s_draws = vab.shape[0] // n_per_global
-        eff = (vab - ctrl).reshape(s_draws, n_per_global, chunk, -1).mean(1)[:, :r]  # [S, r, G]
-        inter = (vab - va - vb + ctrl).reshape(s_draws, n_per_global, chunk, -1).mean(1)[:, :r].mean(0)
-        mean = eff.mean(0)
-        norm = torch.linalg.vector_norm(mean, dim=-1)
-        res["effect_norm"][start : start + r] = norm.cpu().numpy()
-        res["interaction_score"][start : start + r] = torch.where(
-            norm > 0, torch.linalg.vector_norm(inter, dim=-1) / norm.clamp_min(1e-12), torch.zeros_like(norm)).cpu().numpy()
-        if keep_draws and s_draws > 1:
-            q = torch.quantile(eff.float(), torch.tensor([0.05, 0.95], device=eff.device), dim=0)
-            res["uncertainty"][start : start + r] = (q[1] - q[0]).mean(-1).cpu().numpy()
-        else:
-            res["uncertainty"][start : start + r] = np.nan
+        ia, ib = where[part[:, 0]], where[part[:, 1]]
+        d = eye[part[:, 0]] + eye[part[:, 1]]
+        shift = single_shift[ia] + single_shift[ib] - shift0
+        if additive is None:
+            additive = bool(torch.allclose(shift, model.latent_shift(d), atol=1e-5, rtol=1e-4))
+        if not additive:
+            shift = model.latent_shift(d)
+        score, norm = _pair_scores(ate_mean(d, shift), mean_single[ia], mean_single[ib], mean_ctrl)
+        res["interaction_score"][start : start + len(part)] = score
+        res["effect_norm"][start : start + len(part)] = norm
         if progress:
             progress(f"scored {min(start + chunk, n):,} of {n:,} pairs", lo + (hi - lo) * min(start + chunk, n) / n)
+    return res
+
+
+@torch.no_grad()
+def _refine_pass(model, pairs: np.ndarray, n_perts: int, globals_: dict, n_per_global: int, seed: int, is_counts: bool,
+                 progress: Progress | None, lo: float, hi: float) -> dict[str, np.ndarray]:
+    """Interaction score, effect norm and interval width of ``pairs`` with posterior draws of the
+    globals: every condition (control, each member once, each pair) is predicted alone under the
+    same seed, so all of them see the same global and basal draws (paired Monte Carlo)."""
+    dev = model.input_mean.device
+    eye = np.eye(n_perts, dtype=np.float32)
+
+    def draws(d_row: np.ndarray) -> torch.Tensor:  # one condition → [n_globals, G], each draw averaged over its cells
+        with seeded(dev, seed):
+            out = model.predict(torch.as_tensor(d_row[None], device=dev), globals_, n_per_global)[:, 0]
+        v = expected_ate(model, out, is_counts)
+        return v.reshape(-1, n_per_global, v.shape[-1]).mean(1)
+
+    ctrl = draws(np.zeros(n_perts, np.float32))
+    mean_ctrl = ctrl.mean(0)
+    members = np.unique(pairs)
+    total = members.size + len(pairs)
+    single = {}
+    for i, m in enumerate(members):
+        single[int(m)] = draws(eye[m]).mean(0)
+        if progress:
+            progress(f"refining: member {i + 1} of {members.size}", lo + (hi - lo) * (i + 1) / total)
+    n = len(pairs)
+    res = {"interaction_score": np.zeros(n), "effect_norm": np.zeros(n), "uncertainty": np.zeros(n)}
+    qs = torch.tensor([0.05, 0.95], device=dev)
+    for i, (a, b) in enumerate(pairs):
+        v = draws(eye[a] + eye[b])
+        score, norm = _pair_scores(v.mean(0, keepdim=True), single[int(a)][None], single[int(b)][None], mean_ctrl)
+        res["interaction_score"][i], res["effect_norm"][i] = score[0], norm[0]
+        if v.shape[0] > 1:
+            q = torch.quantile(v - ctrl, qs, dim=0)
+            res["uncertainty"][i] = float((q[1] - q[0]).mean())
+        else:
+            res["uncertainty"][i] = np.nan
+        if progress:
+            progress(f"refining: pair {i + 1} of {n}", lo + (hi - lo) * (members.size + i + 1) / total)
     return res
 
 
@@ -258,7 +303,7 @@ def rank_unmeasured_pairs(
     n_globals: int = 50,
     n_per_global: int = 4,
     seed: int = 0,
-    chunk: int = 64,
+    chunk: int = 512,
     max_pairs: int | None = MAX_PAIRS,
     refine: int | None = REFINE_TOP,
     first_pass_draws: int = 4,
@@ -268,18 +313,20 @@ def rank_unmeasured_pairs(
 
     ``measured`` lists the condition labels with cells. Every pair of measured singles that is
     not itself measured is a candidate, scored in up to three passes, each with *paired* draws
-    (the same global draws and, position by position, the same basal draws for a pair, its two
-    members and the control, so that neither a pair's interaction nor the order of two pairs is
-    Monte-Carlo noise):
+    (a pair, its two members and the control see the same global and basal draws, so that
+    neither a pair's interaction nor the order of two pairs is Monte-Carlo noise):
 
     1. above ``max_pairs`` candidates (None: no cap), the ``max_pairs`` pairs whose members'
        expected latent shifts overlap most (Σ_k |s_a,k|·|s_b,k|, no decoding) go on;
-    2. a first pass at the posterior-mean globals with ``first_pass_draws`` basal draws scores
-       each: interaction score ‖pair − a − b + control‖ / ‖pair − control‖ (ATE scale) and
-       effect norm;
+    2. a first pass scores each at the expected latent shifts (``model.latent_shift``), decoded
+       at ``first_pass_draws`` basal latents z_b ~ N(0, I) shared by every pair, member and the
+       control (the control and each member are decoded once, the pairs ``chunk`` at a time):
+       interaction score ‖pair − a − b + control‖ / ‖pair − control‖ (ATE scale, expected
+       expression) and effect norm ‖pair − control‖;
     3. the ``refine`` pairs with the largest first-pass interaction (None: all) are scored again
-       with ``n_globals`` × ``n_per_global`` posterior draws: interaction, effect norm, and the
-       mean width of the 90 % interval of the pair's effect (``uncertainty``).
+       with ``n_globals`` × ``n_per_global`` posterior draws, as :func:`predict_effect` scores one
+       combination: interaction, effect norm, and the mean width of the 90 % interval of the
+       pair's effect (``uncertainty``).
 
     Columns: ``pair``, ``interaction_score``, ``uncertainty`` (NaN when not refined),
     ``effect_norm``, ``refined``, ``rank_interaction`` (refined pairs first, by their refined
@@ -301,6 +348,9 @@ def rank_unmeasured_pairs(
     if len(pairs) == 0:
         return pd.DataFrame(columns=RANK_COLUMNS)
     model = bundle.model
+    if not model.composes:
+        raise SamsError(f"{bundle.label} predicts only the conditions it was trained on, so it cannot rank unmeasured pairs. "
+                        "Rank them with a SAMS-VAE (or another family that composes combinations).")
     dev = model.input_mean.device
     model.eval()
     if max_pairs is not None and len(pairs) > max_pairs:
@@ -311,19 +361,18 @@ def rank_unmeasured_pairs(
         overlap = np.einsum("pk,pk->p", shifts[pairs[:, 0]], shifts[pairs[:, 1]])
         pairs = pairs[np.sort(np.argpartition(-overlap, max_pairs - 1)[:max_pairs])]
     with torch.no_grad(), seeded(dev, seed):
-        mean_g = model.mean_globals()
         draw_g = model.sample_globals(n_globals)
     n_ref = len(pairs) if refine is None else min(refine, len(pairs))
-    split_at = 0.7 if n_ref else 1.0
-    first = _pair_pass(model, pairs, len(bundle.perturbations), mean_g, first_pass_draws, seed, bundle.is_counts,
-                       chunk, False, progress, 0.05, split_at)
+    split_at = 0.6 if n_ref else 1.0
+    first = _first_pass(model, pairs, len(bundle.perturbations), first_pass_draws, seed, bundle.is_counts, chunk,
+                        progress, 0.05, split_at)
     t = pd.DataFrame(first)
     t.insert(0, "pair", [canonical_label((bundle.perturbations[a], bundle.perturbations[b]), order) for a, b in pairs])
     t["refined"] = False
     if n_ref:
         top = np.argsort(-t["interaction_score"].to_numpy(), kind="stable")[:n_ref]
-        again = _pair_pass(model, pairs[top], len(bundle.perturbations), draw_g, n_per_global, seed + 1, bundle.is_counts,
-                           min(chunk, n_ref), True, progress, split_at, 1.0)
+        again = _refine_pass(model, pairs[top], len(bundle.perturbations), draw_g, n_per_global, seed + 1, bundle.is_counts,
+                             progress, split_at, 1.0)
         for k, v in again.items():
             t.loc[t.index[top], k] = v
         t.loc[t.index[top], "refined"] = True
