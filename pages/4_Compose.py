@@ -100,7 +100,7 @@ with b:
     obs = S.observed(ctx.data_key, data, cov_level)
     cmp = compare_with_data(pred, obs)
     if "observed" in cmp:
-        S.chart(plots.observed_vs_predicted(cmp["observed"].to_numpy(), pred.mean, pred.genes, f"{pred.label}{where}: observed vs predicted"),
+        S.chart(plots.observed_vs_predicted(cmp["observed"].to_numpy(), pred.mean, pred.genes, f"{pred.label}{where}<br>observed vs predicted"),
                 f"{pred.label}{where}_observed_vs_predicted", "compose_obs")
         if cov_level:
             st.caption(f"Observed: the {cov_level} cells of {pred.label} against the {cov_level} controls.")

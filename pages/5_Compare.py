@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pandas as pd
 import streamlit as st
 
 from explorer import state as S
@@ -12,6 +13,7 @@ from sams_core.evaluation.compare import (
     add_truth_scores,
     compare_on_heldout,
     flag_unreliable,
+    per_level_baselines,
     per_level_metrics,
 )
 
@@ -26,6 +28,13 @@ def _comparisons() -> dict:
 def _model_rows(data_key: str) -> dict:
     """Each model's scores on one screen, kept per bundle so adding a model scores only that one."""
     return {}
+
+
+@st.cache_data(show_spinner="Scoring the baselines per level…", max_entries=20)
+def _level_baselines(data_key: str, split_key: str, _data, _split):
+    """The data-only baselines per level of the primary covariate (by screen and split)."""
+    return per_level_baselines(_data, _split)
+
 
 ctx = S.page("Compare")
 data, split = ctx.data, ctx.split
@@ -95,13 +104,18 @@ if not per.empty:
     cov_name = next(iter(next(b for b in bundles.values() if b.covariates).covariates))
     st.subheader(f"Per {cov_name} (held-out cells)")
     per.insert(1, "model", [labels.get(n, n) for n in per["name"]])
+    per.insert(2, "kind", "model")
+    base = _level_baselines(ctx.data_key, str(spec.get("test_conditions")), data, split)
+    per = pd.concat([base.assign(model=base["name"]), per], ignore_index=True)[list(per.columns)]
+    per = per.sort_values("level", kind="stable").reset_index(drop=True)
     levels = sorted(per["level"].unique())
     shown_level = S.widget(st.selectbox, f"{cov_name}", "compare_level", "all levels", ["all levels", *levels],
                            help=f"Scores of each {cov_name}'s held-out cells against that {cov_name}'s controls.")
     shown = per if shown_level == "all levels" else per[per["level"] == shown_level]
     missing = [labels.get(n, n) for n in bundles if n not in set(per["name"])]
     st.caption(f"Recorded when each model was trained: every held-out cell of each {cov_name}, against the controls of "
-               f"the same {cov_name} (not the subsample scored above); baselines are in the table above, pooled. "
+               f"the same {cov_name} (not the subsample scored above); the baselines likewise, the additive one from cells "
+               f"outside the test set of the same {cov_name} (none where a perturbation's {cov_name} was held out). "
                f"Rows on fewer than {MIN_RELIABLE_CONDITIONS} conditions are marked reliable = False."
                + (f" No per-{cov_name} scores recorded for: {', '.join(missing)}." if missing else ""))
     bad = shown[~shown["reliable"]]
@@ -111,5 +125,5 @@ if not per.empty:
     S.show_table(shown, f"heldout_per_{cov_name}", "compare_level_table")
     level_metrics = [m for m in metrics if m in shown]
     if level_metrics and shown_level != "all levels":
-        S.chart(plots.comparison_bars(shown.assign(name=shown["model"], kind="model"), level_metrics,
+        S.chart(plots.comparison_bars(shown.assign(name=shown["model"]), level_metrics,
                                       title=f"Held-out comparison in {shown_level}"), f"heldout_comparison_{shown_level}", "compare_level_bars")

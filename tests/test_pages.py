@@ -183,6 +183,9 @@ def test_compare_on_the_real_demo_shows_scores_per_cell_type():
     per = at.dataframe[1].value
     assert {"model", "level", "n_conditions", "reliable"} <= set(per.columns)
     assert {"U87MG", "k562"} <= set(per["level"])  # the held-out glioma line and the held-out Norman pairs
+    assert {"no change", "additive in data"} <= set(per.loc[per["level"] == "k562", "name"])  # baselines per level too
+    add_u87 = per[(per["name"] == "additive in data") & (per["level"] == "U87MG")].iloc[0]
+    assert add_u87["n_conditions"] == 0 and not add_u87["reliable"]  # held-out in U87MG: nothing of U87MG to add up
     assert set(per.loc[per["n_conditions"] < 3, "reliable"]) <= {False} and per.loc[per["n_conditions"] >= 3, "reliable"].all()
     assert any("Unreliable" in w.value and "sVAE+ in k562" in w.value for w in at.warning)  # sVAE+ cannot predict the pairs
     at.selectbox(key="w_compare_level").select("U87MG").run()

@@ -24,6 +24,7 @@ from sams_core.evaluation.baselines import additive_baseline, diversity_check
 from sams_core.evaluation.metrics import (
     ate_transform,
     data_ate,
+    data_ate_by_level,
     effect_scores,
     iwelbo,
     model_ate,
@@ -324,7 +325,10 @@ def flag_unreliable(table: pd.DataFrame, min_conditions: int = MIN_RELIABLE_COND
     than ``min_conditions`` conditions (``n_conditions``), True elsewhere (also without the column)."""
     out = table.copy()
     n = pd.to_numeric(out["n_conditions"], errors="coerce") if "n_conditions" in out else pd.Series(np.nan, index=out.index)
-    out["reliable"] = ~(n < min_conditions)
+    reliable = ~(n < min_conditions)
+    if "reliable" in out:
+        out = out.drop(columns="reliable")
+    out.insert(out.columns.get_loc("n_conditions") + 1 if "n_conditions" in out else len(out.columns), "reliable", reliable)
     return out
 
 
@@ -348,4 +352,33 @@ def per_level_metrics(bundles: Mapping[str, ModelBundle], which: str = "test",
         return pd.DataFrame(columns=["name", "level", "n_conditions", "reliable"])
     out = flag_unreliable(pd.DataFrame(rows), min_conditions)
     first = [c for c in ("name", "level", "n_conditions", "reliable", "n_cells") if c in out]
+    return out[first + [c for c in out.columns if c not in first]]
+
+
+def per_level_baselines(data: PerturbationData, split: np.ndarray, min_conditions: int = MIN_RELIABLE_CONDITIONS) -> pd.DataFrame:
+    """The data-only baselines per level of the primary covariate, scored like
+    :func:`per_level_metrics` rows: each level's held-out (test) cells against that level's
+    controls; "no change" predicts 0, "additive in data" sums the members' observed effects at
+    the same level on cells outside the test set (a condition whose members were not measured
+    alone at that level outside the test set is left out, so on a cell-type transfer split it
+    often has no conditions). Columns ``name``, ``kind`` ("baseline"), ``level``,
+    ``n_conditions``, ``reliable``, ``n_cells`` and the effect scores; empty without covariates."""
+    if not data.covariates:
+        return pd.DataFrame(columns=["name", "kind", "level", "n_conditions", "reliable"])
+    test = np.flatnonzero((split == TEST) & ~data.control_mask)
+    outside = np.flatnonzero((split != TEST) & ~data.control_mask)
+    observed = data_ate_by_level(data, test)
+    seen = data_ate_by_level(data, outside) if outside.size else {}
+    lv = data.level_of_cells()
+    rows = []
+    for level, obs in observed.items():
+        n_cells = int(np.sum(lv[test] == level))
+        zero = pd.DataFrame(0.0, index=obs.index, columns=obs.columns)
+        add = additive_baseline(seen.get(level, pd.DataFrame(columns=obs.columns)), list(obs.index))
+        for name, pred in (("no change", zero), ("additive in data", add)):
+            rows.append({"name": name, "kind": "baseline", "level": str(level), "n_cells": n_cells, **effect_scores(obs, pred)})
+    if not rows:
+        return pd.DataFrame(columns=["name", "kind", "level", "n_conditions", "reliable"])
+    out = flag_unreliable(pd.DataFrame(rows), min_conditions)
+    first = ["name", "kind", "level", "n_conditions", "reliable", "n_cells"]
     return out[first + [c for c in out.columns if c not in first]]
