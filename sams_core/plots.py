@@ -586,3 +586,35 @@ def perturbation_map(table: pd.DataFrame, title: str = "Perturbation similarity 
     fig.update_xaxes(showticklabels=False, title="map 1", zeroline=False)
     fig.update_yaxes(showticklabels=False, title="map 2", zeroline=False, scaleanchor="x", scaleratio=1)
     return _layout(fig, title, height=520)
+
+
+def dose_response_figure(table: pd.DataFrame, title: str | None = None, measured_dose: float | None = 1.0) -> go.Figure:
+    """Predicted effect against dosage, one line per gene with its credible band (columns
+    ``dose``, ``gene``, ``mean``, ``lower``, ``upper``, as from
+    :meth:`sams_core.interpret.dose.DoseResponse.table`); a dotted line marks ``measured_dose``
+    (screens measure dosage 1: the curve elsewhere is extrapolated by the model)."""
+    import plotly.express as px
+
+    if table.empty:
+        raise SamsError("No dose-response to draw: the table has no rows. Pick a perturbation and at least two dosages.")
+    colours = px.colors.qualitative.Plotly
+    fig = go.Figure()
+    for i, (gene, t) in enumerate(table.groupby("gene", sort=False)):
+        t = t.sort_values("dose")
+        c = colours[i % len(colours)]
+        rgb = tuple(int(c[j:j + 2], 16) for j in (1, 3, 5))
+        fig.add_trace(go.Scatter(
+            x=np.concatenate([t["dose"], t["dose"][::-1]]), y=np.concatenate([t["upper"], t["lower"][::-1]]),
+            fill="toself", fillcolor=f"rgba({rgb[0]},{rgb[1]},{rgb[2]},0.15)", line=dict(width=0),
+            hoverinfo="skip", showlegend=False, legendgroup=str(gene)))
+        fig.add_trace(go.Scatter(
+            x=t["dose"], y=t["mean"], mode="lines+markers", name=str(gene), legendgroup=str(gene), line=dict(color=c),
+            customdata=np.stack([t["lower"], t["upper"]], axis=1),
+            hovertemplate=f"<b>{gene}</b><br>dosage %{{x:g}}<br>effect %{{y:.3f}} [%{{customdata[0]:.3f}}, %{{customdata[1]:.3f}}]<extra></extra>"))
+    if measured_dose is not None:
+        fig.add_vline(x=measured_dose, line_dash="dot", line_color="grey", annotation_text="measured dosage",
+                      annotation_position="top left")
+    fig.add_hline(y=0, line_color="lightgrey")
+    fig.update_xaxes(title="dosage")
+    fig.update_yaxes(title="predicted effect (log2 fold change)")
+    return _layout(fig, title, height=460)

@@ -2,6 +2,7 @@
 
 - :mod:`~sams_core.interpret.effects`: predicted effects of any combination (with dosages and
   intervals) set beside the data, the unmeasured pairs worth measuring next, perturbation distances;
+- :mod:`~sams_core.interpret.dose`: one perturbation's predicted effect over a range of dosages;
 - :mod:`~sams_core.interpret.programs`: each latent unit's gene loadings, top genes and gene-set
   enrichment;
 - :mod:`~sams_core.interpret.genesets`: GMT gene-set collections and the enrichment tests;
