@@ -400,6 +400,9 @@ def test_read_only_mode_hides_files_on_disk_and_training(tmp_path):
         at = AppTest.from_file({str(ROOT / 'app.py')!r}, default_timeout=120).run()
         assert not at.exception, at.exception
         print(list(at.sidebar.radio[0].options))
+        from explorer.nav import visible_pages
+        from sams_core.settings import SETTINGS
+        print([p.title for p in visible_pages(SETTINGS.read_only)])
         from explorer import jobs
         try:
             jobs.submit({str(tmp_path)!r}, jobs.JobSpec(name="x", data="x.h5ad"))
@@ -410,7 +413,8 @@ def test_read_only_mode_hides_files_on_disk_and_training(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180, env=env, cwd=ROOT)
     lines = out.stdout.splitlines()
     assert lines and "Files on disk" not in lines[0] and "path" not in lines[0], out.stdout + out.stderr[-2000:]
-    assert "SamsError" in lines[1] and "read-only" in lines[1]
+    assert "'Train'" not in lines[1] and "'Differential expression'" in lines[1], lines[1]
+    assert "SamsError" in lines[2] and "read-only" in lines[2]
 
 
 def test_users_see_no_tracebacks():
