@@ -91,9 +91,10 @@ class HeldoutCells:
 
     @classmethod
     def build(cls, data: PerturbationData, split: np.ndarray, n_cells: int = 300, n_pcs: int = 20, seed: int = 0,
-              conditions: list[str] | None = None) -> HeldoutCells:
+              conditions: list[str] | None = None, n_fit_cells: int = 5000) -> HeldoutCells:
         """Held-out cells of every test condition of ``split`` (or of ``conditions``, some of them;
-        a seeded subsample of ``n_cells`` each) projected on a PCA fitted on up to 5,000 cells of the data."""
+        a seeded subsample of ``n_cells`` each) projected on a PCA fitted on up to ``n_fit_cells``
+        cells of the data."""
         from sklearn.decomposition import (
             PCA,  # heavy third-party import, only when comparing
         )
@@ -103,7 +104,7 @@ class HeldoutCells:
         conds = split_conditions(data, split, TEST) if conditions is None else list(conditions)
         if not conds:
             raise SamsError("The split has no held-out conditions to compare on. Use a held-out split.")
-        fit_cells = np.sort(rng.choice(data.n_cells, min(data.n_cells, 5000), replace=False))
+        fit_cells = np.sort(rng.choice(data.n_cells, min(data.n_cells, n_fit_cells), replace=False))
         pca = PCA(n_components=min(n_pcs, data.n_genes, len(fit_cells)), random_state=seed).fit(transformed_cells(data, fit_cells))
         observed = {}
         for c in conds:
@@ -219,11 +220,12 @@ def add_truth_scores(table: pd.DataFrame, bundles: Mapping[str, ModelBundle], tr
 # one table for models and baselines
 #: What the dashboard's Compare page scores (a seeded subsample, so that a comparison takes
 #: seconds on a screen of any size): at most 50 held-out conditions, 200 held-out cells of each
-#: for the energy distance, 500 posterior-predictive cells per condition for the ATE, and the
-#: IWELBO over at most 1,000 held-out cells with 50 importance samples. ``compare_on_heldout``'s
-#: own defaults score everything (the protocol of DESIGN §3, used by ``bench/science.py``).
-QUICK_COMPARE: dict[str, int] = {"max_conditions": 50, "n_cells": 200, "n_ate_samples": 500, "max_iwelbo_cells": 1000,
-                                 "n_iwelbo_samples": 50}
+#: for the energy distance in a PCA fitted on 2,000 cells, 200 posterior-predictive cells per
+#: condition for the ATE, and the IWELBO over at most 500 held-out cells with 20 importance
+#: samples (as ``train``'s quick evaluation). ``compare_on_heldout``'s own defaults score
+#: everything (the protocol of DESIGN §3, used by ``bench/science.py``).
+QUICK_COMPARE: dict[str, int] = {"max_conditions": 50, "n_cells": 200, "n_ate_samples": 200, "max_iwelbo_cells": 500,
+                                 "n_iwelbo_samples": 20, "n_fit_cells": 2000}
 
 
 def heldout_conditions(data: PerturbationData, split: np.ndarray, max_conditions: int | None = None, seed: int = 0) -> list[str]:
@@ -248,6 +250,7 @@ def compare_on_heldout(
     max_iwelbo_cells: int | None = None,
     n_iwelbo_samples: int = 100,
     cache: MutableMapping[tuple, dict[str, Any]] | None = None,
+    n_fit_cells: int = 5000,
 ) -> pd.DataFrame:
     """Models (``{name: ModelBundle}``) and data-only baselines scored on the held-out conditions.
 
@@ -263,12 +266,13 @@ def compare_on_heldout(
 
     Everything is scored by default. ``max_conditions`` scores a seeded sample of the held-out
     conditions, ``max_iwelbo_cells`` the IWELBO on a seeded sample of their test cells with
-    ``n_iwelbo_samples`` importance samples (:data:`QUICK_COMPARE` is the dashboard's choice).
+    ``n_iwelbo_samples`` importance samples, and ``n_fit_cells`` the cells the PCA is fitted on
+    (:data:`QUICK_COMPARE` is the dashboard's choice).
     ``cache`` (a dict kept between calls on the same screen and split) keeps each model's row by
     its weights' checksum and these settings, so adding a model to a comparison scores only it.
     """
     conds = heldout_conditions(data, split, max_conditions, seed)
-    ref = HeldoutCells.build(data, split, n_cells, n_pcs, seed, conditions=conds)
+    ref = HeldoutCells.build(data, split, n_cells, n_pcs, seed, conditions=conds, n_fit_cells=n_fit_cells)
     conds = ref.conditions
     wanted = set(conds)
     test = np.flatnonzero(split == TEST)
@@ -296,7 +300,7 @@ def compare_on_heldout(
     add = additive_baseline(seen, conds)
     add_energy = ref.energy(lambda c: None if add.loc[c].isna().any() else ref.pca.transform(ctrl_t + add.loc[c].to_numpy()))
     rows.append(row("additive in data", "baseline", add, add_energy))
-    settings = (tuple(conds), n_cells, n_pcs, n_ate_samples, seed, max_iwelbo_cells, n_iwelbo_samples)
+    settings = (tuple(conds), n_cells, n_pcs, n_ate_samples, seed, max_iwelbo_cells, n_iwelbo_samples, n_fit_cells)
     for name, bundle in bundles.items():
         key = (bundle.checksum(), *settings)
         if cache is not None and key in cache:
