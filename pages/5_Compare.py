@@ -113,9 +113,10 @@ if not per.empty:
                            help=f"Scores of each {cov_name}'s held-out cells against that {cov_name}'s controls.")
     shown = per if shown_level == "all levels" else per[per["level"] == shown_level]
     missing = [labels.get(n, n) for n in bundles if n not in set(per["name"])]
-    st.caption(f"Recorded when each model was trained: every held-out cell of each {cov_name}, against the controls of "
-               f"the same {cov_name} (not the subsample scored above); the baselines likewise, the additive one from cells "
-               f"outside the test set of the same {cov_name} (none where a perturbation's {cov_name} was held out). "
+    st.caption(f"Models: scores recorded when each was trained, on every held-out cell of each {cov_name} against the "
+               f"controls of the same {cov_name} (not the subsample scored above). Baselines: scored here the same way, the "
+               f"additive one from the same {cov_name}'s cells outside the test set (none where a perturbation's {cov_name} "
+               "was held out, as on a cell-type transfer split). "
                f"Rows on fewer than {MIN_RELIABLE_CONDITIONS} conditions are marked reliable = False."
                + (f" No per-{cov_name} scores recorded for: {', '.join(missing)}." if missing else ""))
     bad = shown[~shown["reliable"]]
