@@ -605,7 +605,7 @@ def dose_response_figure(table: pd.DataFrame, title: str | None = None, measured
         rgb = tuple(int(c[j:j + 2], 16) for j in (1, 3, 5))
         fig.add_trace(go.Scatter(
             x=np.concatenate([t["dose"], t["dose"][::-1]]), y=np.concatenate([t["upper"], t["lower"][::-1]]),
-            fill="toself", fillcolor=f"rgba({rgb[0]},{rgb[1]},{rgb[2]},0.15)", line=dict(width=0),
+            mode="lines", fill="toself", fillcolor=f"rgba({rgb[0]},{rgb[1]},{rgb[2]},0.15)", line=dict(width=0),
             hoverinfo="skip", showlegend=False, legendgroup=str(gene)))
         fig.add_trace(go.Scatter(
             x=t["dose"], y=t["mean"], mode="lines+markers", name=str(gene), legendgroup=str(gene), line=dict(color=c),
