@@ -67,9 +67,10 @@ if same_as != NEW_SPLIT and same_as in sel.models:
         mismatch = train_form.settings_mismatch(manifest, sel.settings.read_kwargs() if sel.settings else {})
         if mismatch:
             st.warning(mismatch)
-split_kind = S.widget(c[2].selectbox, "Split", "train_split", "heldout-combos", SPLIT_KINDS, disabled=reused is not None)
-if reused is not None:
-    split_kind = reused["kind"]
+if reused is None:
+    split_kind = S.widget(c[2].selectbox, "Split", "train_split", "heldout-combos", SPLIT_KINDS)
+else:  # shown, not chosen: the model's split
+    split_kind = c[2].selectbox("Split", [reused["kind"]], disabled=True, key="train_split_reused")
 spec = specs[family]
 st.caption(spec.summary)
 options: dict[str, Any] = {}
@@ -86,8 +87,11 @@ c = st.columns(4)
 n_latent = S.widget(c[0].number_input, "Latent units", "train_latent", 6, min_value=1, max_value=100, step=1)
 n_hidden = S.widget(c[1].number_input, "Hidden units", "train_hidden", 64, min_value=8, max_value=1024, step=8)
 epochs = S.widget(c[2].number_input, "Epochs", "train_epochs", 20, min_value=1, max_value=2000, step=10)
-fraction = S.widget(c[3].number_input, "Held-out fraction", "train_fraction", 0.25, min_value=0.0, max_value=0.9, step=0.05,
-                    disabled=reused is not None)
+if reused is None:
+    fraction = S.widget(c[3].number_input, "Held-out fraction", "train_fraction", 0.25, min_value=0.0, max_value=0.9, step=0.05)
+else:
+    fraction = c[3].number_input("Held-out fraction", value=float(reused.get("fraction", 0.25)), disabled=True,
+                                 key="train_fraction_reused", help="The model's own; its held-out conditions are named exactly.")
 default_name = "_".join([family, *(str(options[n]) for n in spec.label_options), f"{n_latent}u", f"{epochs}ep"])
 name = st.text_input("Run name", default_name, key=f"train_name_{default_name}")
 

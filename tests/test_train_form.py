@@ -70,7 +70,8 @@ def test_the_train_page_submits_the_chosen_models_split(tmp_path, monkeypatch):
     name = box.options[1]
     box.select(name).run()
     assert not at.exception and not at.error
-    assert at.selectbox(key="w_train_split").disabled
+    shown = at.selectbox(key="train_split_reused")
+    assert shown.disabled and shown.value == read_manifest(app_state.demo_bundles("simulated")[name][0])["split"]["kind"]
     at.button(key="train_start").click().run()
     (job,) = jobs.list_jobs(tmp_path)
     jobs.cancel(job)
