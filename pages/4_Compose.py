@@ -7,6 +7,7 @@ import streamlit as st
 from explorer import state as S
 from sams_core import plots
 from sams_core.interpret.effects import MAX_PAIRS, REFINE_TOP, candidate_pairs, compare_with_data, rank_unmeasured_pairs
+from sams_core.interpret.dose import dose_response
 from sams_core.labels import combination_label, split_label
 
 
@@ -155,3 +156,32 @@ if S.widget(st.toggle, "Rank unmeasured pairs", "compose_rank", n_candidates <= 
     pairs = memo[key]
     if pairs is not None:
         S.show_table(pairs, "unmeasured_pairs", "compose_pairs", height=300)
+
+
+@st.cache_resource(show_spinner=False)
+def _dose_curves() -> dict:
+    """Dose-response curves of this server process, shared by every session (by model and request)."""
+    return {}
+
+
+with st.expander("Dose-response: one perturbation over a range of dosages"):
+    st.caption("The model scales a perturbation's latent shift by its dosage; screens measure dosage 1 (dotted line), so "
+               "the curve elsewhere is the model's extrapolation. Every dosage uses the same posterior draws; the bands are "
+               f"{level:.0%} credible intervals{where}. Genes: those the perturbation moves most at dosage 1.")
+    dc = st.columns(3)
+    dose_pert = S.widget(dc[0].selectbox, "Perturbation", "dose_pert", members[0], perts)
+    dose_max = S.widget(dc[1].slider, "Largest dosage", "dose_max", 2.0, min_value=0.5, max_value=5.0, step=0.25)
+    dose_genes = S.widget(dc[2].slider, "Genes", "dose_genes", 5, min_value=1, max_value=20)
+    if S.widget(st.toggle, "Draw the dose-response", "dose_on", False, help="About a second per curve on two cores."):
+        doses = tuple(round(k * float(dose_max) / 8, 4) for k in range(9))
+        memo = _dose_curves()
+        key = (ctx.model_key, dose_pert, doses, int(dose_genes), float(level), cov_level)
+        if key not in memo:
+            with st.spinner("Predicting each dosage…"):
+                memo[key] = S.guarded(lambda: dose_response(bundle, dose_pert, doses=doses, top_k=int(dose_genes),
+                                                            level=float(level), covariate_level=cov_level))
+            while len(memo) > 50:
+                memo.pop(next(iter(memo)))
+        curve = memo[key]
+        if curve is not None:
+            S.chart(plots.dose_response_figure(curve.table(), f"Dose-response · {dose_pert}{where}"), f"{dose_pert}_dose_response", "compose_dose")

@@ -54,3 +54,17 @@ def test_the_figure_draws_a_line_and_a_band_per_gene(bundle):
 def test_bad_requests_are_refused_with_a_reason(bundle, pert, doses, match):
     with pytest.raises(SamsError, match=match):
         dose_response(bundle, pert or bundle.perturbations[0], doses=doses, n_globals=2, n_per_global=2)
+
+
+def test_the_compose_page_draws_the_dose_response_on_request():
+    from streamlit.testing.v1 import AppTest
+
+    at = AppTest.from_file("../pages/4_Compose.py", default_timeout=180)
+    at.query_params["demo"] = "simulated"
+    at.run()
+    before = len(at.get("plotly_chart"))
+    at.toggle(key="w_dose_on").set_value(True).run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    charts = at.get("plotly_chart")
+    assert len(charts) == before + 1
+    assert '"measured dosage"' in charts[-1].proto.spec and "Dose-response" in charts[-1].proto.spec
