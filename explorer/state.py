@@ -602,6 +602,7 @@ def page(title: str, needs_model: bool = True) -> Any:
     """A page's title and what it works on: the loaded :class:`Context` (screen and model), or
     with ``needs_model=False`` the screen's :class:`Selection`. Stops the page, after saying what
     is missing, when there is none."""
+    _leave_pages_folder_mode()
     st.title(title)
     sel = selection()
     found = sidebar(sel) if needs_model else screen(sel)
@@ -611,6 +612,18 @@ def page(title: str, needs_model: bool = True) -> Any:
     if note:
         st.info(note, icon=":material/info:")
     return found
+
+
+def _leave_pages_folder_mode() -> None:
+    """On a fresh server whose first visit is a page's own URL (a shared link to Compose, say),
+    Streamlit runs that page without the entry script, by its ``pages/`` folder, and would stay in
+    that mode for every session: no sidebar state, no page titles or icons. Switch to the entry
+    script's navigation and rerun the same URL through it."""
+    from streamlit.runtime.pages_manager import PagesManager
+
+    if getattr(_RUN, "selection", None) is None and PagesManager.uses_pages_directory:
+        PagesManager.uses_pages_directory = False
+        st.rerun()
 
 
 def capability_note(family: str, label: str) -> str | None:

@@ -539,8 +539,10 @@ def test_dosages_refused_or_bounded(bundle_path, capsys, dose, message):
 # ---- cold start ------------------------------------------------------------------------------------
 @pytest.mark.skipif(not Path("/usr/bin/chromium").exists(), reason="Debian chromium not installed")
 def test_no_cold_start_race(tmp_path):
-    """A freshly started server, Home and Masks opened at the same moment: neither shows an
-    exception (before: 'partially initialized module pandas' on Home in 18 of 20 tries)."""
+    """A freshly started server, Masks and Home opened at the same moment: neither shows an
+    exception (before: 'partially initialized module pandas' on Home in 18 of 20 tries), and a
+    first visit to a page's own URL still gets the app's navigation (Home first, no "app" entry
+    of Streamlit's pages-folder mode)."""
     from playwright.sync_api import sync_playwright
 
     with socket.socket() as s:
@@ -565,7 +567,7 @@ def test_no_cold_start_race(tmp_path):
                 "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"])
             try:
                 pages = [browser.new_page() for _ in range(2)]
-                for page, path in zip(pages, ("", "Masks")):
+                for page, path in zip(pages, ("Masks", ""), strict=True):
                     page.goto(f"{url}/{path}", wait_until="commit")
                 for page in pages:
                     page.wait_for_selector("h1", timeout=120_000)
@@ -574,6 +576,10 @@ def test_no_cold_start_race(tmp_path):
                     assert not page.query_selector_all('[data-testid="stException"]'), page.url
                     text = page.inner_text("body")
                     assert "partially initialized" not in text and "Traceback" not in text, page.url
+                    page.wait_for_selector('[data-testid="stSidebarNav"] a', timeout=60_000)
+                    page.wait_for_timeout(1000)
+                    links = [t.split("\n")[-1] for t in page.locator('[data-testid="stSidebarNav"] a').all_inner_texts()]
+                    assert links[0] == "Home" and "app" not in links, links
             finally:
                 browser.close()
     finally:
