@@ -42,3 +42,15 @@ def test_readme_flow_on_a_small_screen(screen_path, tmp_path):
     assert again.perturbations == bundle.perturbations
     pred = sc.predict_effect(again, "KLF1+GATA1")
     assert pred.table().shape[0] == data.n_genes
+
+
+def test_command_line_works_from_any_folder(tmp_path):
+    """The README's install makes ``sams`` and ``python -m sams_core`` work outside the checkout."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {k: v for k, v in __import__("os").environ.items() if k != "PYTHONPATH"}
+    for cmd in ([sys.executable, "-m", "sams_core", "--help"], [str(Path(sys.executable).parent / "sams"), "--help"]):
+        out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0 and "train" in out.stdout, (cmd, out.stderr[-500:])
