@@ -70,7 +70,7 @@ class ConditionalVAE(PerturbationModel):
         self, d: torch.Tensor, globals_: dict[str, torch.Tensor], n_per_global: int = 1, c: torch.Tensor | None = None,
     ) -> torch.Tensor:
         S = n_per_global * self.n_prior_draws(globals_)
-        z = torch.randn(S, d.shape[0], self.n_latent, device=d.device)
+        z = torch.randn(S, 1, self.n_latent, device=d.device).expand(S, d.shape[0], self.n_latent)  # paired across rows
         return self.decode(z, d.expand(S, *d.shape), self.prediction_covariates(c, d.shape[0]))
 
     def latent(self, batch: Batch) -> dict[str, torch.Tensor]:

@@ -409,7 +409,9 @@ class SAMSVAE(PerturbationModel):
             shift = shift + level
         if n_per_global > 1:
             shift = shift.repeat_interleave(n_per_global, dim=0)
-        z = torch.randn_like(shift) + shift
+        # one basal draw per cell shared by every dosage row (paired draws): a combination, its
+        # members and the control differ by their shifts only, not by Monte-Carlo noise
+        z = torch.randn(shift.shape[0], 1, shift.shape[-1], device=shift.device, dtype=shift.dtype) + shift
         return self.decode(z, None, c)
 
     def latent(self, batch: Batch) -> dict[str, torch.Tensor]:

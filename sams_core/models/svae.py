@@ -261,7 +261,8 @@ class SVAEPlus(PerturbationModel):
         prior_mean = self._prior_mean(idx, table)  # [S,R,K]
         if n_per_global > 1:
             prior_mean = prior_mean.repeat_interleave(n_per_global, dim=0)
-        return self.decode(prior_mean + torch.randn_like(prior_mean), None, self.prediction_covariates(c, d.shape[0]))
+        basal = torch.randn(prior_mean.shape[0], 1, prior_mean.shape[-1], device=prior_mean.device, dtype=prior_mean.dtype)
+        return self.decode(prior_mean + basal, None, self.prediction_covariates(c, d.shape[0]))  # paired across rows
 
     def latent(self, batch: Batch) -> dict[str, torch.Tensor]:
         mean, _ = self._encode(batch.x, self.covariates_of(batch))
