@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import streamlit as st
 
-from sams_core.demo import DEFAULT_DEMO, DEMO_DIR, DEMOS, DATA_FILE
+from sams_core.demo import DEFAULT_DEMO, DEMO_DIR, DEMOS, DATA_FILE, file_sha256
 from explorer.jobs import list_jobs
 from explorer.preload import preload_models
 from sams_core.errors import SamsError
@@ -368,11 +368,7 @@ def file_hash(path: str | Path) -> str:
     st_ = p.stat()
     key = (str(p), st_.st_size, st_.st_mtime_ns)
     if key not in _FILE_HASHES:
-        h = hashlib.sha256()
-        with open(p, "rb") as f:
-            for block in iter(lambda: f.read(1 << 22), b""):
-                h.update(block)
-        _FILE_HASHES[key] = h.hexdigest()[:16]
+        _FILE_HASHES[key] = file_sha256(p)[:16]
     return _FILE_HASHES[key]
 
 
@@ -457,7 +453,7 @@ def data_settings_widgets(data_src: tuple[str, bytes | None]) -> DataSettings | 
                           "Command line: --perturbation-key")
         seps = widget(st.multiselect, "Combination separator", "ds_sep", ["+"], list(SEPARATOR_CHOICES),
                       help="what joins the members of a combination, e.g. KLF1+GATA1. Command line: --separator")
-        values = sorted(map(str, pd_unique(obs[key])))[:500]
+        values = sorted(set(obs[key].astype(str)))[:500]
         detected = [v for v in values if v.lower() in CONTROL_LABELS]
         controls = widget(st.multiselect, "Control labels", "ds_ctrl", detected, values,
                           help="labels of control cells (no perturbation). Command line: --control-label")
@@ -477,13 +473,6 @@ def data_settings_widgets(data_src: tuple[str, bytes | None]) -> DataSettings | 
         st.caption("Command line:")
         st.code(settings.cli_flags(), language="bash", wrap_lines=True)
     return settings
-
-
-def pd_unique(col: Any) -> list[Any]:
-    """Distinct values of a column in order of appearance."""
-    import pandas as pd
-
-    return list(pd.unique(col.astype(str)))
 
 
 @st.cache_resource(show_spinner="Reading the screen with its data settings…", max_entries=8)
