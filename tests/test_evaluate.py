@@ -21,6 +21,7 @@ from sams_core.evaluation.metrics import (
     data_ate,
     effect_scores,
     evaluate_model,
+    split_conditions,
     top_de_mask,
 )
 from sams_core.evaluation.truth import mask_scores
@@ -200,3 +201,23 @@ def test_evaluate_model_reports_calibration(trained):
     m = evaluate_model(bundle.model, data, split, n_iwelbo_samples=10, n_ate_samples=200, splits=("test",)).metrics
     for key in ("calibration_slope", "calibration_intercept", "calibration_slope_top20", "calibration_intercept_top20"):
         assert np.isfinite(m.loc["test", key]), key
+
+
+def test_quick_evaluation_scores_a_seeded_sample_of_conditions_and_says_so(trained):
+    """The quick evaluation (train's default) scores at most ``max_ate_conditions`` conditions per
+    split, the same ones on every call, and a note names the sample; None scores every condition."""
+    data, split, bundle = trained
+    every = split_conditions(data, split, "train")
+    assert len(every) > 3
+    kw = dict(n_iwelbo_samples=2, n_ate_samples=100, splits=("train",))
+    quick = evaluate_model(bundle.model, data, split, max_ate_conditions=3, **kw)
+    again = evaluate_model(bundle.model, data, split, max_ate_conditions=3, **kw)
+    full = evaluate_model(bundle.model, data, split, max_ate_conditions=None, **kw)
+    assert quick.metrics.loc["train", "n_conditions"] == 3
+    assert list(quick.observed["train"].index) == list(again.observed["train"].index)
+    assert set(quick.observed["train"].index) < set(every)
+    assert any(f"3 of its {len(every)} conditions" in n for n in quick.notes), quick.notes
+    assert full.metrics.loc["train", "n_conditions"] == len(every) and not full.notes
+    # the sampled conditions' observed effects are those of the full evaluation
+    picked = list(quick.observed["train"].index)
+    np.testing.assert_allclose(quick.observed["train"].to_numpy(), full.observed["train"].loc[picked].to_numpy(), atol=1e-9)

@@ -28,6 +28,7 @@ from sams_core.evaluation.metrics import (
     effect_scores,
     iwelbo,
     model_ate,
+    sample_conditions,
     seeded,
     split_conditions,
 )
@@ -230,11 +231,7 @@ QUICK_COMPARE: dict[str, int] = {"max_conditions": 50, "n_cells": 200, "n_ate_sa
 
 def heldout_conditions(data: PerturbationData, split: np.ndarray, max_conditions: int | None = None, seed: int = 0) -> list[str]:
     """The held-out conditions of ``split``, or a seeded sample of ``max_conditions`` of them (sorted)."""
-    conds = split_conditions(data, split, TEST)
-    if max_conditions is not None and len(conds) > max_conditions:
-        pick = np.random.default_rng(seed).choice(len(conds), max_conditions, replace=False)
-        conds = sorted(conds[i] for i in pick)
-    return conds
+    return sample_conditions(split_conditions(data, split, TEST), max_conditions, seed)
 
 
 def compare_on_heldout(
