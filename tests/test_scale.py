@@ -135,7 +135,7 @@ def test_pair_ranking_is_capped_refined_and_reproducible(wide_model):
     pd.testing.assert_frame_equal(t, again)  # the same draws every time: the order is not noise
 
 
-def test_quick_comparison_subsamples_and_caches_each_model(wide_model):
+def test_quick_comparison_subsamples_and_caches_each_model(wide_model, monkeypatch):
     from sams_core.evaluation.compare import compare_on_heldout
     from sams_core.pipeline import split_for_bundle
 
@@ -144,12 +144,17 @@ def test_quick_comparison_subsamples_and_caches_each_model(wide_model):
     cache: dict = {}
     kw = dict(n_cells=20, n_pcs=5, n_ate_samples=100, max_iwelbo_cells=5, n_iwelbo_samples=5, cache=cache)
     first = compare_on_heldout({"m": bundle}, data, split, **kw)
-    assert len(cache) == 1 and set(first["name"]) == {"no change", "additive in data", "m"}
-    second = compare_on_heldout({"again": bundle}, data, split, **kw)  # same weights: the cached row
-    assert len(cache) == 1
+    assert len(cache) == 2 and set(first["name"]) == {"no change", "additive in data", "m"}  # the data side, the model
+    from sams_core.evaluation import compare as compare_mod
+
+    built = []
+    monkeypatch.setattr(compare_mod.HeldoutCells, "build", lambda *a, **k: built.append(1))
+    second = compare_on_heldout({"again": bundle}, data, split, **kw)  # same weights and data: cached rows
+    assert len(cache) == 2 and not built  # neither the held-out cells nor the baselines were scored again
     a = first.set_index("name").loc["m"].drop("kind")
     b = second.set_index("name").loc["again"].drop("kind")
     pd.testing.assert_series_equal(a, b, check_names=False)
+    pd.testing.assert_frame_equal(first.iloc[:2], second.iloc[:2])  # the baselines' rows
 
 
 # ---- one screen per server process ------------------------------------------------------------

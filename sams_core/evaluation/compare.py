@@ -221,11 +221,11 @@ def add_truth_scores(table: pd.DataFrame, bundles: Mapping[str, ModelBundle], tr
 # one table for models and baselines
 #: What the dashboard's Compare page scores (a seeded subsample, so that a comparison takes
 #: seconds on a screen of any size): at most 50 held-out conditions, 200 held-out cells of each
-#: for the energy distance in a PCA fitted on 2,000 cells, 200 posterior-predictive cells per
+#: for the energy distance in a PCA fitted on 2,000 cells, 100 posterior-predictive cells per
 #: condition for the ATE, and the IWELBO over at most 500 held-out cells with 20 importance
 #: samples (as ``train``'s quick evaluation). ``compare_on_heldout``'s own defaults score
 #: everything (the protocol of DESIGN §3, used by ``bench/science.py``).
-QUICK_COMPARE: dict[str, int] = {"max_conditions": 50, "n_cells": 200, "n_ate_samples": 200, "max_iwelbo_cells": 500,
+QUICK_COMPARE: dict[str, int] = {"max_conditions": 50, "n_cells": 200, "n_ate_samples": 100, "max_iwelbo_cells": 500,
                                  "n_iwelbo_samples": 20, "n_fit_cells": 2000}
 
 
@@ -266,38 +266,26 @@ def compare_on_heldout(
     ``n_iwelbo_samples`` importance samples, and ``n_fit_cells`` the cells the PCA is fitted on
     (:data:`QUICK_COMPARE` is the dashboard's choice).
     ``cache`` (a dict kept between calls on the same screen and split) keeps each model's row by
-    its weights' checksum and these settings, so adding a model to a comparison scores only it.
+    its weights' checksum and these settings, and the held-out cells and baseline rows by the
+    settings, so adding a model to a comparison scores only it.
     """
-    conds = heldout_conditions(data, split, max_conditions, seed)
-    ref = HeldoutCells.build(data, split, n_cells, n_pcs, seed, conditions=conds, n_fit_cells=n_fit_cells)
+    settings = (tuple(heldout_conditions(data, split, max_conditions, seed)), n_cells, n_pcs, n_ate_samples, seed,
+                max_iwelbo_cells, n_iwelbo_samples, n_fit_cells)
+    ref_key = ("held-out cells and baselines", *settings)
+    if cache is not None and ref_key in cache:  # the data side does not change when a model is added
+        base = cache[ref_key]
+    else:
+        base = _heldout_reference(data, split, settings)
+        if cache is not None:
+            cache[ref_key] = base
+    ref, obs, floor, iw_cells = base["ref"], base["observed"], base["floor"], base["iwelbo_cells"]
     conds = ref.conditions
-    wanted = set(conds)
-    test = np.flatnonzero(split == TEST)
-    test = test[np.isin(data.labels[test].astype(str), list(wanted))]
-    ctrl = np.flatnonzero(data.control_mask)
-    obs = data_ate(data, test, ctrl).loc[conds]
-    members = {m for c in conds for m in c.split("+")}
-    outside = np.flatnonzero((split != TEST) & ~data.control_mask)
-    outside = outside[np.isin(data.labels[outside].astype(str), list(members))]  # the singles the additive baseline sums
-    seen = data_ate(data, outside, ctrl) if outside.size else pd.DataFrame(columns=data.genes)
-    rng = np.random.default_rng(seed)
-    ctrl_idx = ctrl if ctrl.size <= n_cells else np.sort(rng.choice(ctrl, n_cells, replace=False))
-    ctrl_t = transformed_cells(data, ctrl_idx)
-    floor = ref.floor(seed)
-    iw_cells = test if max_iwelbo_cells is None or test.size <= max_iwelbo_cells else np.sort(
-        np.random.default_rng(seed).choice(test, max_iwelbo_cells, replace=False))
 
     def row(name: str, kind: str, pred: pd.DataFrame, energy: float) -> dict[str, Any]:
         return {"name": name, "kind": kind, **effect_scores(obs, pred), "energy_distance": energy,
                 "energy_floor": floor, "collapsed": bool(diversity_check(pred)["collapsed"])}
 
-    rows = []
-    zero = pd.DataFrame(0.0, index=conds, columns=data.genes)
-    rows.append(row("no change", "baseline", zero, ref.energy(lambda c: ref.pca.transform(ctrl_t))))
-    add = additive_baseline(seen, conds)
-    add_energy = ref.energy(lambda c: None if add.loc[c].isna().any() else ref.pca.transform(ctrl_t + add.loc[c].to_numpy()))
-    rows.append(row("additive in data", "baseline", add, add_energy))
-    settings = (tuple(conds), n_cells, n_pcs, n_ate_samples, seed, max_iwelbo_cells, n_iwelbo_samples, n_fit_cells)
+    rows = [row(name, "baseline", pred, energy) for name, (pred, energy) in base["baselines"].items()]
     for name, bundle in bundles.items():
         key = (bundle.checksum(), *settings)
         if cache is not None and key in cache:
@@ -313,6 +301,34 @@ def compare_on_heldout(
         rows.append(r)
     table = pd.DataFrame(rows)
     return add_truth_scores(table, bundles, truth) if truth is not None else table
+
+
+def _heldout_reference(data: PerturbationData, split: np.ndarray, settings: tuple) -> dict[str, Any]:
+    """What :func:`compare_on_heldout` scores every model against: the held-out cells (PCA), their
+    observed effects, the energy floor, the IWELBO cells and the two baselines' predictions and
+    energy distances."""
+    conds, n_cells, n_pcs, _, seed, max_iwelbo_cells, _, n_fit_cells = settings
+    ref = HeldoutCells.build(data, split, n_cells, n_pcs, seed, conditions=list(conds), n_fit_cells=n_fit_cells)
+    conds = ref.conditions
+    wanted = set(conds)
+    test = np.flatnonzero(split == TEST)
+    test = test[np.isin(data.labels[test].astype(str), list(wanted))]
+    ctrl = np.flatnonzero(data.control_mask)
+    obs = data_ate(data, test, ctrl).loc[conds]
+    members = {m for c in conds for m in c.split("+")}
+    outside = np.flatnonzero((split != TEST) & ~data.control_mask)
+    outside = outside[np.isin(data.labels[outside].astype(str), list(members))]  # the singles the additive baseline sums
+    seen = data_ate(data, outside, ctrl) if outside.size else pd.DataFrame(columns=data.genes)
+    rng = np.random.default_rng(seed)
+    ctrl_idx = ctrl if ctrl.size <= n_cells else np.sort(rng.choice(ctrl, n_cells, replace=False))
+    ctrl_t = transformed_cells(data, ctrl_idx)
+    iw_cells = test if max_iwelbo_cells is None or test.size <= max_iwelbo_cells else np.sort(
+        np.random.default_rng(seed).choice(test, max_iwelbo_cells, replace=False))
+    zero = pd.DataFrame(0.0, index=conds, columns=data.genes)
+    add = additive_baseline(seen, conds)
+    add_energy = ref.energy(lambda c: None if add.loc[c].isna().any() else ref.pca.transform(ctrl_t + add.loc[c].to_numpy()))
+    baselines = {"no change": (zero, ref.energy(lambda c: ref.pca.transform(ctrl_t))), "additive in data": (add, add_energy)}
+    return {"ref": ref, "observed": obs, "floor": ref.floor(seed), "iwelbo_cells": iw_cells, "baselines": baselines}
 
 
 # ---------------------------------------------------------------------------------------------
