@@ -5,7 +5,10 @@ opened together would import pandas, torch and the library at the same moment, a
 could see a partially initialised module. :func:`preload` imports them under one process-wide
 lock: the first session imports, the others wait for it, and later runs return at once.
 PyTorch and the modules built on it are imported the same way, by :func:`preload_models`, when
-the first model is loaded (the first page never waits for PyTorch).
+the first model is loaded (the first page never waits for PyTorch). That also starts importing
+umap-learn on a background thread (about 18 s on 2 cores: its nearest-neighbour package compiles
+its distances at import), so that the first Latent space visit finds it ready; the page waits for
+it with :func:`preload_umap`.
 """
 
 from __future__ import annotations
@@ -47,14 +50,18 @@ MODEL_MODULES: tuple[str, ...] = (
     "sams_core.interpret.embed",
 )
 
+#: What the Latent space page needs beyond :data:`MODEL_MODULES` (slow to import).
+UMAP_MODULES: tuple[str, ...] = ("umap",)
+
 _LOCK = threading.Lock()
+_UMAP_LOCK = threading.Lock()  # its own lock: pages that do not need UMAP never wait for it
 _DONE: set[tuple[str, ...]] = set()
 
 
-def _once(modules: tuple[str, ...]) -> None:
+def _once(modules: tuple[str, ...], lock: threading.Lock = _LOCK) -> None:
     if modules in _DONE:
         return
-    with _LOCK:
+    with lock:
         if modules in _DONE:
             return
         for name in modules:
@@ -68,8 +75,24 @@ def preload() -> None:
 
 
 def preload_models() -> None:
-    """Import :data:`MODEL_MODULES` once in this process, before the first model is loaded."""
+    """Import :data:`MODEL_MODULES` once in this process, before the first model is loaded, and
+    start importing :data:`UMAP_MODULES` in the background."""
+    first = MODEL_MODULES not in _DONE
     _once(MODEL_MODULES)
+    if first and UMAP_MODULES not in _DONE:
+        threading.Thread(target=_import_umap_quietly, name="preload-umap", daemon=True).start()
 
 
-__all__ = ["MODEL_MODULES", "MODULES", "preload", "preload_models"]
+def _import_umap_quietly() -> None:
+    try:
+        preload_umap()
+    except Exception:  # noqa: BLE001 - the page's own import says what is wrong
+        pass
+
+
+def preload_umap() -> None:
+    """Import :data:`UMAP_MODULES` once in this process (waits while the background import runs)."""
+    _once(UMAP_MODULES, _UMAP_LOCK)
+
+
+__all__ = ["MODEL_MODULES", "MODULES", "UMAP_MODULES", "preload", "preload_models", "preload_umap"]

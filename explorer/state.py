@@ -21,7 +21,7 @@ import streamlit as st
 
 from sams_core.demo import DEFAULT_DEMO, DEMO_DIR, DEMOS, DATA_FILE, file_sha256
 from explorer.jobs import list_jobs
-from explorer.preload import preload_models
+from explorer.preload import preload_models, preload_umap
 from sams_core.errors import SamsError
 from sams_core.io.paths import readable_path
 from sams_core.settings import SETTINGS
@@ -872,6 +872,9 @@ def embedding(model_key: str, data_key: str, _bundle_obj, _data, latent: str, ma
 
     key = (model_key, data_key, latent, int(max_cells))
     if key not in _EMBEDDINGS:
+        if _progress:
+            _progress("loading UMAP", 0.05)
+        preload_umap()  # imported in the background since the first model was loaded: wait for it, under its lock
         _EMBEDDINGS[key] = umap_embedding(_bundle_obj, _data, latent=latent, max_cells=max_cells, progress=_progress)
         while len(_EMBEDDINGS) > 20:
             _EMBEDDINGS.pop(next(iter(_EMBEDDINGS)))

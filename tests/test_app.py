@@ -30,3 +30,21 @@ def test_home_draws_without_pytorch():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.stdout.strip().splitlines()[-1] == "False", out.stderr[-2000:]
+
+
+def test_loading_a_model_starts_importing_umap_in_the_background():
+    """The first model loaded starts umap-learn's slow import on a thread of its own, so the first
+    Latent space visit finds it ready; a page that needs it waits for that import, not a second one."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, threading\nfrom explorer import preload\n"
+        "preload.preload_models()\n"
+        "names = [t.name for t in threading.enumerate()]\n"
+        "preload.preload_umap()\n"
+        "print('preload-umap' in names, 'umap' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         cwd=Path(APP).parent)
+    assert out.stdout.strip().splitlines()[-1] == "True True", out.stderr[-2000:]
