@@ -1,5 +1,5 @@
-"""Latent space: UMAP of cells' latents coloured by perturbation, a gene's expression, a predicted
-effect, a unit, mask targets or a covariate; one perturbation highlighted; box or lasso selection
+"""Latent space: UMAP of cells' latents coloured by perturbation, by the cluster of its perturbation,
+a gene's expression, a predicted effect, a unit, mask targets or a covariate; one perturbation highlighted; box or lasso selection
 with the selected cells' composition by perturbation and covariate."""
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import streamlit as st
 
 from explorer import state as S
 from sams_core import plots
+from sams_core.interpret.differential import condition_clusters
 from sams_core.interpret.embed import cell_latents
 from sams_core.labels import split_label
 
@@ -23,7 +24,8 @@ latent = S.widget(c1.radio, "Latent", "latent_which", "full", ["full", "basal"],
 max_cells = S.widget(c2.slider, "Cells (subsample)", "latent_cells", min(2000, data.n_cells),
                      min_value=min(200, data.n_cells), max_value=data.n_cells, step=100)
 covs = [c for c in data.obs.columns if c not in S.NOT_COVARIATES and data.obs[c].nunique() <= 50] if data.obs is not None else []
-modes = ["perturbation", "gene expression", "predicted effect", "highlight a perturbation", "unit value", "targeted by"]
+modes = ["perturbation", "perturbation cluster", "gene expression", "predicted effect", "highlight a perturbation",
+         "unit value", "targeted by"]
 modes += [f"covariate: {c}" for c in covs]
 mode = S.widget(c3.selectbox, "Colour by", "latent_color", "perturbation", modes)
 
@@ -71,6 +73,22 @@ elif mode == "highlight a perturbation":
     conds = sorted({lab for lab in labels if lab != "control"})
     pert = S.widget(st.selectbox, "Perturbation", "latent_highlight", conds[0] if conds else "control", conds or ["control"])
     fig = plots.umap_highlight(emb.coords, labels == pert, pert, hover=labels, title=f"{pert} · {title}")
+elif mode == "perturbation cluster":
+    has_masks = bundle.mask_probabilities() is not None
+    n_rows = len(bundle.mask_rows)
+    d1, d2 = st.columns(2)
+    by = S.widget(d1.radio, "Cluster perturbations by", "latent_cluster_by", "shift", ["shift", "mask"] if has_masks else ["shift"],
+                  horizontal=True, format_func={"shift": "latent shift", "mask": "mask overlap"}.get)
+    k = S.widget(d2.slider, "Clusters", "latent_cluster_k", max(1, min(n_rows, 20, round((n_rows / 2) ** 0.5))),
+                 min_value=1, max_value=max(2, min(n_rows, 28)))
+    pm = S.guarded(lambda: S.perturbation_map(ctx.model_key, bundle, by, int(k)))
+    if pm is None:
+        st.stop()
+    groups = condition_clusters(labels, pm)
+    st.caption(f"Each cell coloured by the cluster of its condition among the model's {n_rows:,} perturbations, "
+               f"clustered by their learned {'latent shifts' if by == 'shift' else 'masks'} (the same clusters as the "
+               "perturbation map on Differential expression); pairs whose members fall in different clusters share one colour.")
+    fig = plots.umap_scatter(emb.coords, groups, hover=labels, color_label="perturbation cluster", title=title)
 elif mode == "unit value":
     unit = S.widget(st.selectbox, "Unit", "latent_unit", 0, list(range(K)), format_func=lambda k: f"unit {k}")
     z = cell_latents(bundle, data, emb.cells, latent)

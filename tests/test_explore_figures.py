@@ -10,7 +10,7 @@ import pytest
 from sams_core import plots
 from sams_core.data.screen import from_anndata
 from sams_core.errors import SamsError
-from sams_core.interpret.differential import observed_de, perturbation_map
+from sams_core.interpret.differential import condition_clusters, observed_de, perturbation_map
 
 
 def test_umap_values_colours_cells_by_their_value_highest_on_top():
@@ -69,6 +69,25 @@ def test_perturbation_map_keeps_near_perturbations_near_and_clusters_them():
     assert len(fig.data) == 2 and set(fig.data[0].text) | set(fig.data[1].text) == set(names)
     with pytest.raises(SamsError):
         perturbation_map(pd.DataFrame(d[:3], index=names[:3], columns=names))
+
+
+def test_cells_are_grouped_by_their_conditions_cluster():
+    """Colouring a UMAP by perturbation cluster: a single takes its cluster, a pair within one
+    cluster (with or without doses) that cluster, a pair across clusters and controls their own group."""
+    table = pd.DataFrame({"perturbation": ["A", "B", "C"], "x": 0.0, "y": 0.0, "cluster": [1, 1, 2]})
+    labels = np.array(["A", "control", "A+B", "A+C", "C", "B:0.5+A", "Z"])
+    got = condition_clusters(labels, table)
+    assert list(got) == ["cluster 1", "control", "cluster 1", "combination across clusters", "cluster 2", "cluster 1",
+                         "not in the map"]
+
+
+def test_mask_distances_match_the_pairwise_definition():
+    from sams_core.interpret.effects import _mask_distances
+
+    p = np.random.default_rng(0).random((7, 5))
+    want = np.array([[1 - np.minimum(u, v).sum() / np.maximum(u, v).sum() for v in p] for u in p])
+    np.fill_diagonal(want, 0.0)
+    np.testing.assert_allclose(_mask_distances(p, block=3), want, atol=1e-12)
 
 
 def test_webgl_scatter_exports_as_the_same_svg_scatter():

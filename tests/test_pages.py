@@ -111,6 +111,13 @@ def test_latent_page(fast_umap):
         ok(at)
         assert at.selectbox(key=key).options, mode
     assert "raw_perturbation" not in " ".join(at.selectbox(key="w_latent_color").options)
+    at.selectbox(key="w_latent_color").select("perturbation cluster").run()  # cells grouped by their perturbation's cluster
+    ok(at)
+    import json
+
+    fig = json.loads(at.get("plotly_chart")[0].proto.spec)
+    names = {t.get("name", "") for t in fig["data"]}
+    assert any(n.startswith("cluster ") for n in names) and "control" in " ".join(names), names
 
 
 def test_gene_programs_page():

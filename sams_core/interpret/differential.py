@@ -5,6 +5,8 @@ shifts a model learned for them.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import pandas as pd
 from scipy.cluster.hierarchy import fcluster, linkage
@@ -12,8 +14,9 @@ from scipy.spatial.distance import squareform
 
 from sams_core.data.screen import PerturbationData
 from sams_core.errors import SamsError
+from sams_core.labels import parse_label
 
-__all__ = ["observed_de", "perturbation_map"]
+__all__ = ["condition_clusters", "observed_de", "perturbation_map"]
 
 
 def observed_de(
@@ -120,3 +123,30 @@ def perturbation_map(distances: pd.DataFrame, n_clusters: int | None = None) -> 
     else:
         clusters = np.ones(1, dtype=int)
     return pd.DataFrame({"perturbation": list(map(str, distances.index)), "x": xy[:, 0], "y": xy[:, 1], "cluster": clusters.astype(int)})
+
+
+def condition_clusters(labels: Sequence[str] | np.ndarray, table: pd.DataFrame) -> np.ndarray:
+    """Each cell's group on a scatter coloured by perturbation cluster: ``"cluster k"`` of its
+    condition in ``table`` (a :func:`perturbation_map`); a combination whose members all lie in
+    one cluster gets that cluster, one across clusters ``"combination across clusters"``;
+    ``"control"`` for controls and ``"not in the map"`` for conditions the map does not place."""
+    where = {str(p): int(c) for p, c in zip(table["perturbation"], table["cluster"], strict=True)}
+    lab = np.asarray(labels).astype(str)
+    names, codes = np.unique(lab, return_inverse=True)
+    groups = []
+    for name in names:
+        if name == "control":
+            groups.append("control")
+            continue
+        if name in where:  # a condition mapped whole (sVAE+ maps each combination as a row of its own)
+            groups.append(f"cluster {where[name]}")
+            continue
+        found = {where.get(m) for m in parse_label(name, known=where)}
+        if None in found:
+            groups.append("not in the map")
+        elif len(found) == 1:
+            groups.append(f"cluster {found.pop()}")
+        else:
+            groups.append("combination across clusters")
+    return np.asarray(groups, dtype=object)[codes]
+

@@ -389,6 +389,18 @@ def rank_unmeasured_pairs(
 
 # ---------------------------------------------------------------------------------------------
 # perturbation similarity
+def _mask_distances(p: np.ndarray, block: int = 256) -> np.ndarray:
+    """1 − Σ min(p_a, p_b) / Σ max(p_a, p_b) between all rows of ``p``, in blocks of rows (2,000
+    perturbations in about a second, where a per-pair function took minutes)."""
+    n = p.shape[0]
+    out = np.zeros((n, n))
+    for s in range(0, n, block):
+        a = p[s : s + block, None, :]
+        out[s : s + block] = 1.0 - np.minimum(a, p[None]).sum(-1) / np.maximum(np.maximum(a, p[None]).sum(-1), 1e-12)
+    np.fill_diagonal(out, 0.0)
+    return out
+
+
 def perturbation_distances(bundle: ModelBundle, by: str = "mask") -> pd.DataFrame:
     """Distances between the model's mask rows: Jaccard-like on mask probabilities (``mask``) or
     Euclidean between expected latent shifts (``shift``)."""
@@ -399,8 +411,7 @@ def perturbation_distances(bundle: ModelBundle, by: str = "mask") -> pd.DataFram
             p = model.mask_probs()
             if p is None:
                 raise SamsError(f"{bundle.label} has no masks; compare perturbations by='shift' instead.")
-            x = p.cpu().numpy()
-            dist = squareform(pdist(x, lambda u, v: 1 - np.minimum(u, v).sum() / max(np.maximum(u, v).sum(), 1e-12)))
+            dist = _mask_distances(p.cpu().numpy().astype(np.float64))
         elif by == "shift":
             if model.composes:
                 x = model.latent_shift(torch.eye(len(bundle.perturbations), device=model.input_mean.device)).cpu().numpy()
