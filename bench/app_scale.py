@@ -22,6 +22,7 @@ Home counts                 ``screen_summary`` (uncached)
 Masks figures               mask probabilities → ``heatmap_orders`` → ``mask_heatmap`` +
                             ``embedding_heatmap`` of the page's default view (figure JSON size
                             is what the browser receives)
+Latent: import umap-learn   once per process (the app imports it in the background)
 Latent: UMAP 2,000 cells    ``umap_embedding`` (no disk cache) + ``umap_scatter``
 Compose: one pair           ``predict_effect`` + ``observed_effects`` + ``compare_with_data``
 pair ranking                ``rank_unmeasured_pairs`` as the page calls it by default
@@ -195,6 +196,16 @@ def run_shape(shape: str, scale: float, epochs: int, step_limit: float, tmp: Pat
 
     size = timed(rows, shape, "Masks: heatmaps", masks)
     rows[-1]["note"] += f"figures {size / 1e6:.2f} MB JSON" if size else ""
+
+    def load_umap():
+        from explorer.preload import preload_umap
+        from sams_core.interpret.embed import keep_umap_compilation
+
+        preload_umap()
+        keep_umap_compilation()
+
+    if "umap" not in sys.modules:  # the app does this on a background thread once the first model is loaded
+        timed(rows, shape, "Latent: import umap-learn", load_umap, "in the app: in the background at the first model")
 
     def latent():
         emb = umap_embedding(bundle, data, max_cells=2000, cache_dir=None, shipped_dirs=())
