@@ -221,3 +221,26 @@ def test_quick_evaluation_scores_a_seeded_sample_of_conditions_and_says_so(train
     # the sampled conditions' observed effects are those of the full evaluation
     picked = list(quick.observed["train"].index)
     np.testing.assert_allclose(quick.observed["train"].to_numpy(), full.observed["train"].loc[picked].to_numpy(), atol=1e-9)
+
+
+def test_model_cells_drawn_for_many_conditions_at_once_are_the_same_draws(trained):
+    """Compare draws a model's cells for several held-out conditions at once (shared draws of the
+    globals and basal states); for one condition they are exactly :func:`predicted_cells`'s, and
+    the energy distance of the batched draws agrees with the one-condition-at-a-time sampler."""
+    from sams_core.evaluation.compare import (
+        HeldoutCells,
+        model_sampler,
+        predicted_cells,
+        predicted_cells_of_rows,
+    )
+
+    data, split, bundle = trained
+    cond = next(c for c in split_conditions(data, split, "test"))
+    lib = np.array([900.0, 1500.0, 3000.0, 1200.0])
+    one = predicted_cells(bundle.model, data.dosage_row(cond), lib, data.is_counts, seed=4)
+    many = predicted_cells_of_rows(bundle.model, data.dosage_row(cond)[None], lib[None], data.is_counts, seed=4)
+    np.testing.assert_array_equal(many[0], one)
+    ref = HeldoutCells.build(data, split, n_cells=60, n_pcs=5, seed=0)
+    batched = ref.energy_of_model(bundle.model, data, seed=0, chunk=3)
+    single = ref.energy_of_sampler(model_sampler(bundle.model, data), seed=0)
+    assert np.isfinite(batched) and batched == pytest.approx(single, rel=0.35, abs=0.2)
