@@ -135,7 +135,7 @@ def run(task: str, seed: int, args: argparse.Namespace, plain: PerturbationData,
             cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, seed=seed, device="cpu")
             bar = tqdm(total=args.epochs, desc=f"{task} s{seed} {name}", unit="epoch", leave=False, file=sys.stderr)
             bundle, _, _ = train_bundle(data, family, FixedSplit(split, task, seed, list(obs.index)), cfg, None,
-                                        progress=lambda rec: bar.update(1), evaluate=False,
+                                        progress=lambda rec, bar=bar: bar.update(1), evaluate=False,
                                         n_latent=args.latent, n_hidden=args.hidden)
             bar.close()
             seconds = time.perf_counter() - t0

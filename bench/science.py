@@ -367,7 +367,7 @@ def main() -> None:
         return f"{v:.3f}"
 
     for kind in kinds:
-        tables = [r for (k, _), r in zip(jobs, results) if k == kind]
+        tables = [r for (k, _), r in zip(jobs, results, strict=True) if k == kind]
         sim = sims[kind]
         size = sim.quick if args.quick else sim.size
         floors = pd.Series([float(t["energy_floor"].iloc[0]) for t in tables])
