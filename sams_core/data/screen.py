@@ -224,11 +224,13 @@ class PerturbationData:
     def checksum(self) -> str:
         """A short content hash of the matrix, labels and genes (for caches)."""
         h = hashlib.sha256()
+        # the arrays' own memory is hashed (no copy into a bytes object: 2.5 s of a 4.4 s hash at
+        # Norman scale); the bytes, hence the hash, are the same
         if sp.issparse(self.X):
             for a in (self.X.data, self.X.indices, self.X.indptr):
-                h.update(np.ascontiguousarray(a).tobytes())
+                h.update(np.ascontiguousarray(a).reshape(-1).view(np.uint8))
         else:
-            h.update(np.ascontiguousarray(self.X).tobytes())
+            h.update(np.ascontiguousarray(self.X).reshape(-1).view(np.uint8))
         h.update("\n".join(map(str, self.labels)).encode())
         h.update("\n".join(self.genes).encode())
         return h.hexdigest()[:16]
