@@ -6,9 +6,9 @@ could see a partially initialised module. :func:`preload` imports them under one
 lock: the first session imports, the others wait for it, and later runs return at once.
 PyTorch and the modules built on it are imported the same way, by :func:`preload_models`, when
 the first model is loaded (the first page never waits for PyTorch). That also starts importing
-umap-learn on a background thread (about 18 s on 2 cores: its nearest-neighbour package compiles
-its distances at import), so that the first Latent space visit finds it ready; the page waits for
-it with :func:`preload_umap`.
+umap-learn on a background thread and compiling its functions on a tiny embedding (about 18 s
+and 17 s on 2 cores: numba compiles them in every new process), so that the first Latent space
+visit finds it ready; the page waits for it with :func:`preload_umap`.
 """
 
 from __future__ import annotations
@@ -91,8 +91,20 @@ def _import_umap_quietly() -> None:
 
 
 def preload_umap() -> None:
-    """Import :data:`UMAP_MODULES` once in this process (waits while the background import runs)."""
-    _once(UMAP_MODULES, _UMAP_LOCK)
+    """Import :data:`UMAP_MODULES` and compile umap-learn's functions on a tiny embedding, once in
+    this process (waits while the background import runs): the first embedding a user asks for
+    then takes seconds, not the ~20 s of compilation a first embedding costs in a new process."""
+    if UMAP_MODULES in _DONE:
+        return
+    with _UMAP_LOCK:
+        if UMAP_MODULES in _DONE:
+            return
+        for name in UMAP_MODULES:
+            importlib.import_module(name)
+        from sams_core.interpret.embed import warm_up_umap
+
+        warm_up_umap()
+        _DONE.add(UMAP_MODULES)
 
 
 __all__ = ["MODEL_MODULES", "MODULES", "UMAP_MODULES", "preload", "preload_models", "preload_umap"]

@@ -65,6 +65,18 @@ LARGE_EMBEDDING = 20_000
 _COMPILE_CACHE_ON = False
 
 
+def warm_up_umap(seed: int = 0) -> None:
+    """Compile umap-learn's functions on a tiny embedding of random points (the settings
+    :func:`umap_embedding` uses for small layouts), so that the next embedding in this process
+    does not pay ~20 s of compilation."""
+    import umap
+
+    keep_umap_compilation()
+    z = np.random.default_rng(seed).normal(size=(300, 8)).astype(np.float32)
+    umap.UMAP(n_neighbors=15, random_state=seed, n_jobs=1, init="spectral", n_epochs=20,
+              force_approximation_algorithm=True).fit_transform(z)
+
+
 def keep_umap_compilation() -> None:
     """Keep umap-learn's and pynndescent's compiled (numba) functions on disk between runs.
 
