@@ -66,6 +66,12 @@ with right:
     else:
         st.caption(f"{bundle.label} has no masks.")
 
+if collection is not None and collection.coverage(data.genes) == 0.0:  # a property of the screen's gene ids, not a failure
+    shown = ", ".join(list(data.genes)[:3])
+    st.warning(f"None of the screen's {data.n_genes:,} genes (e.g. {shown}) is in the collection {coll_name!r}: "
+               "the shipped GO sets use human gene symbols (e.g. TP53). Convert Ensembl or other ids to symbols, "
+               "or upload gene sets that use your ids (\"upload GMT\"). The unit's top genes above need no gene sets.")
+    collection = None
 if collection is not None:
     enr = S.guarded(lambda: S.enrichment(ctx.model_key, ctx.data_key, ckey, L, collection))
     if enr is not None and not enr.empty:

@@ -126,6 +126,11 @@ def test_gene_programs_page():
     assert len(at.get("plotly_chart")) >= 2  # top genes + enrichment heatmap (simulated programs)
     at.selectbox(key="w_gp_unit").select(3).run()
     ok(at)
+    # GO sets on a screen of synthetic gene ids: a warning that says why and what to do, no error box
+    at.selectbox(key="w_gp_collection").select("go_bp").run()
+    ok(at)
+    assert not at.error and any("human gene symbols" in w.value for w in at.warning), [w.value for w in at.warning]
+    assert len(at.get("plotly_chart")) >= 1  # the unit's top genes are still shown
 
 
 def test_compose_changes_with_combination():
