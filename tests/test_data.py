@@ -21,6 +21,7 @@ def test_reads_counts_labels_and_dosages(screen):
     assert data.perturbations == sorted(["KLF1", "GATA1", "SPI1", "CEBPA", "TAL1", "RUNX1"])
     assert data.control_mask.sum() == 300
     i = int(np.flatnonzero(data.labels == "GATA1+KLF1")[0])
+    assert isinstance(data.dosages, sp.csr_matrix) and data.dosages.dtype == np.float32
     assert data.dosages[i].sum() == 2 and data.dosages[i, data.perturbations.index("KLF1")] == 1
     np.testing.assert_allclose(data.library, np.asarray(a.X.sum(1)).ravel())
     assert sp.issparse(data.X), "sparse X stays sparse"
@@ -162,7 +163,37 @@ def test_with_perturbations_reindexes_dosages(screen):
     order = [*reversed(data.perturbations), "EXTRA"]
     r = data.with_perturbations(order)
     assert r.perturbations == order and r.dosages.shape == (data.n_cells, len(order))
-    np.testing.assert_array_equal(r.dosages[:, : data.n_perturbations], data.dosages[:, ::-1])
-    assert not r.dosages[:, -1].any()
+    assert isinstance(r.dosages, sp.csr_matrix) and r.dosages.has_canonical_format
+    np.testing.assert_array_equal(r.dosages[:, : data.n_perturbations].toarray(), data.dosages.toarray()[:, ::-1])
+    assert r.dosages[:, -1].nnz == 0
+    np.testing.assert_array_equal(r.n_members, data.n_members)
     with pytest.raises(SamsError, match="not in the list"):
         data.with_perturbations(data.perturbations[1:])
+
+
+def test_control_mask_and_members_on_a_mixed_screen():
+    """Controls (any control word), singles, pairs in either order, a triple and a member next to
+    a control word: the CSR dosage matrix holds exactly each cell's members, and control_mask /
+    n_members read them from the row lengths."""
+    labels = ["control", "A", "B+A", "A+B", "ctrl", "C", "A+B+C", "NT", "C+ctrl", "B"]
+    a = ad.AnnData(np.ones((len(labels), 3), dtype=np.float32))
+    a.obs["perturbation"] = labels
+    data = from_anndata(a)
+    d = data.dosages
+    assert isinstance(d, sp.csr_matrix) and d.dtype == np.float32 and d.has_canonical_format
+    assert d.nnz == 1 + 2 + 2 + 1 + 3 + 1 + 1 and (d.data == 1).all()
+    assert data.control_mask.tolist() == [True, False, False, False, True, False, False, True, False, False]
+    assert data.n_members.tolist() == [0, 1, 2, 2, 0, 1, 3, 0, 1, 1] and data.n_members.dtype == np.int64
+    np.testing.assert_array_equal(d.toarray(), dosage_rows(list(data.labels), data.perturbations))
+    # screens on disk hold plain member names ("A:0.5" would be a perturbation named so); a dose
+    # other than 1 and explicit zeros given directly are kept sparse, the zeros dropped
+    dense = np.array([[0, 0, 0], [0.5, 0, 0], [0.5, 0, 1], [0, 0, 0]], dtype=np.float64)
+    sub = data.subset(cells=[0, 1, 2, 4]).replace(dosages=dense)
+    assert isinstance(sub.dosages, sp.csr_matrix) and sub.dosages.dtype == np.float32 and sub.dosages.nnz == 3
+    assert sub.control_mask.tolist() == [True, False, False, True] and sub.n_members.tolist() == [0, 1, 2, 0]
+    zeros = sp.csr_matrix((np.array([0.0, 1.0], np.float32), np.array([2, 0]), np.array([0, 1, 2, 2, 2])), shape=(4, 3))
+    kept = sub.replace(dosages=zeros)
+    assert kept.n_members.tolist() == [0, 1, 0, 0] and zeros.nnz == 2, "explicit zeros dropped, the caller's matrix untouched"
+    # a subset and a re-indexing stay sparse
+    part = data.subset(cells=data.n_members >= 2)
+    assert isinstance(part.dosages, sp.csr_matrix) and part.n_members.tolist() == [2, 2, 3]

@@ -59,8 +59,52 @@ def test_reading_a_screen_parses_each_label_once(tmp_path):
     data = read_h5ad(path)
     took = time.perf_counter() - t
     assert data.n_perturbations == 2000 and list(data.labels[:61]) == ["control"] * 60 + ["P000"]
-    assert (data.dosages.sum(1) == (data.labels != "control")).all()
+    assert (np.asarray(data.dosages.sum(1)).ravel() == (data.labels != "control")).all()
     assert took < 20, f"reading 6,060 cells of 2,000 perturbations took {took:.1f} s"
+
+
+def test_wide_screen_dosages_are_sparse_and_held_sparse_on_the_device(monkeypatch):
+    """2,000 singles × 3 cells: the dosage matrix is CSR with memory per cell (dense it would be
+    48 MB), control_mask / n_members read its rows, and a device copy larger than the dense limit
+    stays CSR while its batches are the dense rows."""
+    import torch
+
+    from sams_core.data import batches
+    from sams_core.data.batches import DeviceData
+    from sams_core.models.svae import SVAEPlus
+
+    data = from_anndata(_many_singles(2000, per=3, genes=10))
+    d = data.dosages
+    assert isinstance(d, sp.csr_matrix) and d.dtype == np.float32 and d.has_canonical_format
+    assert d.shape == (6060, 2000) and d.nnz == 6000
+    held = d.data.nbytes + d.indices.nbytes + d.indptr.nbytes
+    assert held <= 16 * data.n_cells, f"{held} bytes for {data.n_cells} cells"
+    assert data.control_mask.sum() == 60 and (data.n_members == (data.labels != "control")).all()
+    counts = data.dosages[data.n_members > 0].getnnz(axis=0)
+    assert (counts == 3).all()
+
+    # on the device: dense below the limit (compiled steps gather in-graph), CSR above it
+    idx = np.arange(data.n_cells)
+    cond = np.full(data.n_cells, -1)
+    small = DeviceData(data, idx, torch.device("cpu"), cond)
+    assert small.gathers_on_device
+    monkeypatch.setattr(batches, "DOSAGE_DENSE_LIMIT_BYTES", 1024)
+    big = DeviceData(data, idx, torch.device("cpu"), cond)
+    assert not big.gathers_on_device and big.nbytes < small.nbytes - 40e6
+    pick = torch.tensor([0, 61, 6059, 61, 3000])
+    got = big.batch(pick).d
+    assert got.dtype == torch.float32 and got.shape == (5, 2000)
+    torch.testing.assert_close(got, torch.as_tensor(d[pick.numpy()].toarray()))
+    torch.testing.assert_close(got, small.batch(pick).d)
+
+    # sVAE+ maps each distinct row once, sparse or dense alike
+    conds = sorted(set(data.labels[data.labels != "control"]))[:50]
+    model = SVAEPlus(n_genes=10, n_perturbations=2000, n_conditions=len(conds))
+    model.set_conditions(torch.as_tensor(np.stack([data.dosage_row(c) for c in conds])), torch.ones(len(conds)))
+    ids = model.condition_ids(d)
+    want = np.array([conds.index(lab) if lab in conds else -1 for lab in data.labels])
+    np.testing.assert_array_equal(ids, want)
+    np.testing.assert_array_equal(model.condition_ids(d[:100].toarray()), want[:100])
 
 
 # ---- views of many perturbations --------------------------------------------------------------

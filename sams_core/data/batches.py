@@ -3,6 +3,11 @@
 The expression matrix may be held in float16 on the device (``storage="float16"``), which halves
 its memory; this is done only when every value is exact in float16 (integers up to 2048, as the
 counts of most screens are), and batches are handed to the models in float32 either way.
+
+Dosages (a screen's CSR matrix, or dense rows) are held densely when cells × perturbations
+float32 takes at most :data:`DOSAGE_DENSE_LIMIT_BYTES`, else as CSR arrays that, like a sparse
+expression matrix, are densified only for the rows of each mini-batch: a screen of 2,000
+perturbations and 124,000 cells keeps a few MB on the device instead of 1 GB.
 """
 
 from __future__ import annotations
@@ -23,6 +28,9 @@ from sams_core.errors import SamsError
 from sams_core.models.base import Batch, PerturbationModel
 
 DENSE_LIMIT_BYTES = 4 * 1024**3
+#: Dosages are held densely on the device up to this size (cells × perturbations × 4 bytes),
+#: else as CSR arrays densified per mini-batch (see :class:`DeviceData`).
+DOSAGE_DENSE_LIMIT_BYTES = 64 * 1024**2
 STORAGES: tuple[str, ...] = ("float32", "float16")
 """How the expression matrix may be held on the device (see :class:`DeviceData`)."""
 
@@ -42,12 +50,68 @@ def _take_rows(X: Any, idx: np.ndarray) -> Any:
     return X[idx]
 
 
+def _csr_to_device(M: Any, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A host matrix as CSR arrays on ``device``: row pointers, column indices (int64), values (float32)."""
+    M = sp.csr_matrix(M)
+    return (
+        torch.as_tensor(M.indptr.astype(np.int64), device=device),
+        torch.as_tensor(M.indices.astype(np.int64), device=device),
+        torch.as_tensor(M.data.astype(np.float32), device=device),
+    )
+
+
+def _csr_rows(crow: torch.Tensor, col: torch.Tensor, val: torch.Tensor, idx: torch.Tensor, width: int) -> torch.Tensor:
+    """Rows ``idx`` (a tensor on the arrays' device) of a CSR matrix held as device arrays,
+    densified to float32 [len(idx), width]; the one densification of expression and dosages."""
+    device = crow.device
+    starts = crow[idx]
+    lens = crow[idx + 1] - starts
+    total = int(lens.sum())
+    row_ids = torch.repeat_interleave(torch.arange(idx.numel(), device=device), lens, output_size=total)
+    first = torch.repeat_interleave(starts - (torch.cumsum(lens, 0) - lens), lens, output_size=total)
+    src = first + torch.arange(total, device=device)
+    out = torch.zeros(idx.numel(), width, device=device)
+    out[row_ids, col[src]] = val[src].float()
+    return out
+
+
+class _DeviceDosages:
+    """Per-cell dosage rows on a device: a dense float32 tensor when cells × perturbations × 4
+    bytes is at most :data:`DOSAGE_DENSE_LIMIT_BYTES` (or the rows come as a tensor), else CSR
+    arrays densified for the rows each mini-batch asks for (:func:`_csr_rows`)."""
+
+    def __init__(self, dosages: Any, device: torch.device):
+        n, width = (int(v) for v in dosages.shape)
+        self.width = width
+        self.dense: torch.Tensor | None = None
+        self.csr: tuple[torch.Tensor, ...] = ()
+        if isinstance(dosages, torch.Tensor):
+            self.dense = dosages.to(device=device, dtype=torch.float32)
+        elif n * width * 4 <= DOSAGE_DENSE_LIMIT_BYTES:
+            rows = dosages.toarray() if sp.issparse(dosages) else dosages
+            self.dense = torch.as_tensor(np.asarray(rows, dtype=np.float32), device=device)
+        else:
+            self.csr = _csr_to_device(dosages if sp.issparse(dosages) else sp.csr_matrix(np.asarray(dosages, dtype=np.float32)), device)
+
+    def rows(self, idx: torch.Tensor) -> torch.Tensor:
+        """Dense float32 dosage rows [len(idx), perturbations] of positions ``idx`` (on the device)."""
+        if self.dense is not None:
+            return self.dense[idx]
+        return _csr_rows(*self.csr, idx, self.width)
+
+    @property
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.dense] if self.dense is not None else list(self.csr)
+
+
 class DeviceData:
     """Expression, dosages, library sizes, condition ids and one-hot covariates of a set of cells,
     on one device.
 
     Dense matrices are held as they are; sparse ones as CSR arrays, densified row-wise only for
-    the rows of each mini-batch. :meth:`batch` gathers rows by index without host copies.
+    the rows of each mini-batch. Dosages likewise: dense up to :data:`DOSAGE_DENSE_LIMIT_BYTES`,
+    else CSR (a screen's ``dosages`` stay sparse on the host either way); every batch holds dense
+    float32 dosage rows. :meth:`batch` gathers rows by index without host copies.
     ``X`` may also be a torch tensor already on the device (e.g. data generated there).
     ``storage="float16"`` holds the expression values in half the memory when every value is
     exact in float16, else keeps float32 and says why in :attr:`notes` (and a warning).
@@ -64,17 +128,18 @@ class DeviceData:
 
     @classmethod
     def from_arrays(
-        cls, X: Any, dosages: np.ndarray, library: np.ndarray, cond: np.ndarray, device: torch.device,
+        cls, X: Any, dosages: sp.csr_matrix | np.ndarray, library: np.ndarray, cond: np.ndarray, device: torch.device,
         dense: bool | None = None, storage: str = "float32", covariates: np.ndarray | None = None,
     ) -> DeviceData:
-        """Cells given as arrays (rows of ``X`` with their dosages, library sizes, condition ids and
-        one-hot covariates [cells, Σ levels]; none when ``covariates`` is None)."""
+        """Cells given as arrays (rows of ``X`` with their dosages (CSR or dense [cells,
+        perturbations]), library sizes, condition ids and one-hot covariates [cells, Σ levels];
+        none when ``covariates`` is None)."""
         self = cls.__new__(cls)
         self._load(X, dosages, library, cond, device, dense, storage, covariates)
         return self
 
     def _load(
-        self, X: Any, dosages: np.ndarray, library: np.ndarray, cond: np.ndarray, device: torch.device,
+        self, X: Any, dosages: sp.csr_matrix | np.ndarray, library: np.ndarray, cond: np.ndarray, device: torch.device,
         dense: bool | None, storage: str, covariates: np.ndarray | None = None,
     ) -> None:
         if storage not in STORAGES:
@@ -91,18 +156,15 @@ class DeviceData:
             if dense is None:
                 dense = (not sp.issparse(X)) or self.n * self.n_genes * 4 <= DENSE_LIMIT_BYTES
             if sp.issparse(X) and not dense:
-                X = sp.csr_matrix(X)
                 self.x = None
-                self.crow = torch.as_tensor(X.indptr.astype(np.int64), device=device)
-                self.col = torch.as_tensor(X.indices.astype(np.int64), device=device)
-                self.val = torch.as_tensor(X.data.astype(np.float32), device=device)
+                self.crow, self.col, self.val = _csr_to_device(X, device)
             else:
                 if sp.issparse(X):
                     X = X.toarray()
                 self.x = torch.as_tensor(np.asarray(X, dtype=np.float32), device=device)
         if storage == "float16":
             self._store_half()
-        self.d = torch.as_tensor(np.asarray(dosages), device=device)
+        self.dosages = _DeviceDosages(dosages, device)
         self.library = torch.as_tensor(np.asarray(library), device=device)
         self.cond = torch.as_tensor(np.asarray(cond).astype(np.int64), device=device)
         if covariates is None:
@@ -128,33 +190,36 @@ class DeviceData:
         warnings.warn(note, RuntimeWarning, stacklevel=4)
 
     @property
+    def tensors(self) -> list[torch.Tensor]:
+        """Every tensor this object holds on its device (expression, dosages, library sizes,
+        condition ids, covariates), dense or CSR arrays."""
+        held = [self.x] if self.x is not None else [self.crow, self.col, self.val]
+        return [*held, *self.dosages.tensors, self.library, self.cond, self.c]
+
+    @property
     def nbytes(self) -> int:
         """Bytes this object holds on its device (expression, dosages, library sizes, condition ids, covariates)."""
-        held = [self.x] if self.x is not None else [self.crow, self.col, self.val]
-        return sum(t.numel() * t.element_size() for t in [*held, self.d, self.library, self.cond, self.c])
+        return sum(t.numel() * t.element_size() for t in self.tensors)
 
     @property
     def gathers_on_device(self) -> bool:
-        """Whether :meth:`batch` is pure device indexing (dense storage): no host synchronisation,
-        no data-dependent shapes, so it can run inside a compiled, graph-captured step."""
-        return self.x is not None
+        """Whether :meth:`batch` is pure device indexing (expression and dosages both held densely):
+        no host synchronisation, no data-dependent shapes, so it can run inside a compiled,
+        graph-captured step."""
+        return self.x is not None and self.dosages.dense is not None
 
     def _rows(self, idx: torch.Tensor) -> torch.Tensor:
         if self.x is not None:
             return self.x[idx].float()
-        starts = self.crow[idx]
-        lens = self.crow[idx + 1] - starts
-        total = int(lens.sum())
-        row_ids = torch.repeat_interleave(torch.arange(idx.numel(), device=self.device), lens, output_size=total)
-        first = torch.repeat_interleave(starts - (torch.cumsum(lens, 0) - lens), lens, output_size=total)
-        src = first + torch.arange(total, device=self.device)
-        out = torch.zeros(idx.numel(), self.n_genes, device=self.device)
-        out[row_ids, self.col[src]] = self.val[src].float()
-        return out
+        return _csr_rows(self.crow, self.col, self.val, idx, self.n_genes)
+
+    def dosage_rows(self, idx: torch.Tensor) -> torch.Tensor:
+        """Dense float32 dosage rows [len(idx), perturbations] of the cells at positions ``idx``."""
+        return self.dosages.rows(idx)
 
     def batch(self, idx: torch.Tensor) -> Batch:
         """The cells at positions ``idx`` (a tensor on the device) as a model batch."""
-        return Batch(self._rows(idx), self.d[idx], self.library[idx], self.cond[idx], self.c[idx])
+        return Batch(self._rows(idx), self.dosages.rows(idx), self.library[idx], self.cond[idx], self.c[idx])
 
     def batches(self, batch_size: int, start: int = 0, stop: int | None = None) -> list[Batch]:
         """The cells at positions ``start``..``stop`` (default: all) in order, in batches of ``batch_size``."""
@@ -267,15 +332,16 @@ class ChunkedSource:
     ``batches``, ``generator``, ``order``) over rows ``idx`` of ``X`` (a :class:`BackedMatrix`, or
     an in-memory matrix too large for the device). Positions ``0..n-1`` index ``idx``; chunk c is
     positions ``c·chunk_size`` .. ``(c+1)·chunk_size``, read with one sequential read when ``idx``
-    is sorted, densified and kept on the device while its shuffle buffer is in use. Dosages,
-    library sizes and condition ids (one row per cell, small) are held on the device.
+    is sorted, densified and kept on the device while its shuffle buffer is in use. Dosages
+    (held as :class:`DeviceData` holds them: dense when small, else CSR), library sizes and
+    condition ids are held on the device.
     """
 
     def __init__(
         self,
         X: Any,
         idx: np.ndarray,
-        dosages: np.ndarray,
+        dosages: sp.csr_matrix | np.ndarray,
         library: np.ndarray,
         cond: np.ndarray,
         device: torch.device,
@@ -297,7 +363,7 @@ class ChunkedSource:
         self.n_chunks = max(1, math.ceil(self.n / self.chunk_size))
         self.dense = dense
         self.storage = storage
-        self.d = torch.as_tensor(np.asarray(dosages)[self.rows], device=self.device)
+        self.dosages = _DeviceDosages(dosages[self.rows], self.device)
         self.library = torch.as_tensor(np.asarray(library)[self.rows], device=self.device)
         self.cond = torch.as_tensor(np.asarray(cond)[self.rows].astype(np.int64), device=self.device)
         # one-hot covariates of all cells of X ([cells, Σ levels]); none when None
@@ -316,7 +382,8 @@ class ChunkedSource:
         rows = self.rows[lo:hi]
         block = self.X.take(rows) if isinstance(self.X, BackedMatrix) else _take_rows(self.X, rows)
         empty = np.zeros(0, np.float32)
-        dd = DeviceData.from_arrays(block, empty, empty, empty, self.device, self.dense, self.storage)
+        no_dosages = np.zeros((0, 0), np.float32)  # the source holds them for all its cells
+        dd = DeviceData.from_arrays(block, no_dosages, empty, empty, self.device, self.dense, self.storage)
         self.chunk_reads += 1
         self._cache[c] = dd
         while len(self._cache) > self._capacity:
@@ -342,7 +409,7 @@ class ChunkedSource:
         """The cells at positions ``idx`` (a CPU tensor, as :meth:`order` gives) as a model batch."""
         pos = idx.detach().cpu().numpy().astype(np.int64)
         on_dev = torch.as_tensor(pos, device=self.device)
-        return Batch(self._rows(pos), self.d[on_dev], self.library[on_dev], self.cond[on_dev], self.c[on_dev])
+        return Batch(self._rows(pos), self.dosages.rows(on_dev), self.library[on_dev], self.cond[on_dev], self.c[on_dev])
 
     def batches(self, batch_size: int, start: int = 0, stop: int | None = None) -> Iterator[Batch]:
         """Cells at positions ``start``..``stop`` (default all) in order, in batches (each chunk read once)."""

@@ -114,7 +114,7 @@ class Conditions:
     key: str
     raw: pd.Series  # the column as written
     labels: np.ndarray  # canonical labels ("control", "A", "A+B"), object dtype
-    dosages: np.ndarray  # [cells, perturbations] float32, 1 for each member
+    dosages: sp.csr_matrix  # [cells, perturbations] CSR float32, 1 for each member
     perturbations: list[str]  # the single perturbations, sorted
     separators: tuple[str, ...]
     controls: frozenset[str]
@@ -163,19 +163,44 @@ def read_conditions(
     return Conditions(key, raw, labels[codes], _dosage_matrix(codes, members, order), singles, seps, controls)
 
 
-def _dosage_matrix(codes: np.ndarray, members: list[list[str]], order: dict[str, int]) -> np.ndarray:
-    """[cells, perturbations] float32 with a 1 for each member of each cell's label (``members``
-    of the distinct labels, ``codes`` each cell's label): the ones are written where they go,
-    without copying a row per cell (a screen of 2,000 perturbations has 8 kB rows)."""
+def _dosage_matrix(codes: np.ndarray, members: list[list[str]], order: dict[str, int]) -> sp.csr_matrix:
+    """[cells, perturbations] CSR float32 with a 1 for each member of each cell's label
+    (``members`` of the distinct labels, ``codes`` each cell's label): built from the members'
+    positions without a dense row per cell (a screen of 2,000 perturbations and 124,000 cells
+    holds 1 GB densely, about 1.5 MB this way)."""
     lens = np.array([len(ms) for ms in members], dtype=np.int64)
     flat = np.array([order[p] for ms in members for p in ms], dtype=np.int64)
     starts = np.concatenate([[0], np.cumsum(lens)[:-1]])
     rep = lens[codes]
-    cells = np.repeat(np.arange(codes.size), rep)
-    within = np.arange(int(rep.sum())) - np.repeat(np.cumsum(rep) - rep, rep)
-    out = np.zeros((codes.size, len(order)), dtype=np.float32)
-    out[cells, flat[np.repeat(starts[codes], rep) + within]] = 1.0
-    return out
+    indptr = np.concatenate([[0], np.cumsum(rep)])
+    within = np.arange(int(indptr[-1])) - np.repeat(indptr[:-1], rep)
+    cols = flat[np.repeat(starts[codes], rep) + within]
+    d = sp.csr_matrix((np.ones(cols.size, dtype=np.float32), cols, indptr), shape=(codes.size, len(order)))
+    return as_dosage_matrix(d)
+
+
+def as_dosage_matrix(d: Any) -> sp.csr_matrix:
+    """A screen's per-cell dosage matrix in its one form: ``scipy.sparse.csr_matrix``, float32,
+    explicit zeros removed, sorted column indices, so that a row's stored entries are exactly its
+    members (``control_mask`` and ``n_members`` read the row lengths). Dense arrays and other
+    sparse formats are converted; a matrix already in this form is returned as it is, any other
+    is copied (the caller's matrix is never changed)."""
+    if sp.issparse(d):
+        if (
+            isinstance(d, sp.csr_matrix) and d.dtype == np.float32 and d.has_canonical_format
+            and not (d.data == 0).any()
+        ):
+            return d
+        m = sp.csr_matrix(d, dtype=np.float32, copy=True)
+    else:
+        a = np.asarray(d.detach().cpu() if hasattr(d, "detach") else d, dtype=np.float32)
+        if a.ndim != 2:
+            raise SamsError(f"Dosages must be a [cells, perturbations] matrix, got an array of shape {a.shape}.")
+        m = sp.csr_matrix(a)
+    m.eliminate_zeros()
+    m.sum_duplicates()  # sorts the indices too
+    m.eliminate_zeros()  # duplicates that summed to zero
+    return m
 
 
 #: Labels that are a missing value written as text (pandas writes NaN/None as these).

@@ -48,7 +48,10 @@ class PerturbationData:
     """One perturbation screen, ready for the models.
 
     ``X`` holds counts (``is_counts``) or log-normalised values, dense or CSR sparse, float32;
-    ``dosages[i, t]`` is the dose of single perturbation ``perturbations[t]`` in cell i;
+    ``dosages[i, t]`` is the dose of single perturbation ``perturbations[t]`` in cell i, held as a
+    ``scipy.sparse.csr_matrix`` (float32, no explicit zeros, sorted indices: a cell's stored
+    entries are its members; a dense or other sparse matrix given here is converted), so a screen
+    of thousands of perturbations costs memory per member, not per cell × perturbation;
     ``labels[i]`` is the cell's condition as a canonical string ("control", "A", "A+B").
 
     ``covariates`` maps each modelled covariate column (cell type, batch ...) to its levels, in
@@ -61,7 +64,7 @@ class PerturbationData:
     X: np.ndarray | sp.csr_matrix
     is_counts: bool
     library: np.ndarray
-    dosages: np.ndarray
+    dosages: sp.csr_matrix
     labels: np.ndarray
     perturbations: list[str]
     genes: list[str]
@@ -71,6 +74,7 @@ class PerturbationData:
     covariate_codes: np.ndarray | None = None
 
     def __post_init__(self) -> None:
+        self.dosages = contract.as_dosage_matrix(self.dosages)
         if self.covariate_codes is None:
             self.covariate_codes = np.zeros((int(self.X.shape[0]), len(self.covariates)), dtype=np.int64)
 
@@ -93,13 +97,13 @@ class PerturbationData:
 
     @property
     def control_mask(self) -> np.ndarray:
-        """Boolean vector of control cells (all-zero dosage row)."""
-        return ~np.any(self.dosages != 0, axis=1)
+        """Boolean vector of control cells (all-zero dosage row): the rows without stored entries."""
+        return self.n_members == 0
 
     @property
     def n_members(self) -> np.ndarray:
-        """Number of single perturbations each cell received."""
-        return np.count_nonzero(self.dosages, axis=1)
+        """Number of single perturbations each cell received: its row's stored entries (int64)."""
+        return np.diff(self.dosages.indptr).astype(np.int64)
 
     # ---- covariates -----------------------------------------------------------------------
     @property
@@ -210,8 +214,10 @@ class PerturbationData:
             )
         if list(perturbations) == list(self.perturbations):
             return self.replace(perturbations=list(perturbations))
-        d = np.zeros((self.n_cells, len(pos)), dtype=np.float32)
-        d[:, [pos[p] for p in self.perturbations]] = self.dosages
+        new_col = np.array([pos[p] for p in self.perturbations], dtype=self.dosages.indices.dtype)
+        d = self.dosages
+        d = sp.csr_matrix((d.data.copy(), new_col[d.indices], d.indptr.copy()), shape=(self.n_cells, len(pos)))
+        d.sort_indices()
         return self.replace(dosages=d, perturbations=list(perturbations))
 
     def dense(self, idx: np.ndarray | None = None) -> np.ndarray:

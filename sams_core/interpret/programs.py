@@ -45,7 +45,7 @@ def unit_loadings(bundle: ModelBundle, data: PerturbationData, n_cells: int = 20
     dd = DeviceData(data, idx, model.input_mean.device, condition_ids(model, data))
     z = torch.cat([model.latent(b)["full"] for b in dd.batches(1024)])
     sd = z.std(0).clamp_min(1e-3)
-    d = dd.d
+    d = dd.dosage_rows(torch.arange(dd.n, device=dd.device))
 
     def log2_expr(zz: torch.Tensor) -> torch.Tensor:
         out = model.decode(zz, d).float()

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import scipy.sparse as sp
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -30,6 +31,7 @@ from sams_core.models.base import (
     PerturbationModel,
     ScreenCells,
     check_align_at,
+    distinct_dosage_rows,
     mlp,
     mlp_forward,
 )
@@ -111,11 +113,16 @@ class SVAEPlus(PerturbationModel):
         cnt = np.array([(labs == c).sum() for c in conds], dtype=np.float32)
         self.set_conditions(torch.as_tensor(rows), torch.as_tensor(cnt))
 
-    def condition_ids(self, dosages: np.ndarray) -> np.ndarray:
-        """Each dosage row's index in the vocabulary, -1 for controls and unknown conditions."""
-        cd = self.cond_dosages.detach().cpu().numpy()
-        lookup = {row.tobytes(): i for i, row in enumerate(cd)}
-        return np.array([lookup.get(row.tobytes(), -1) for row in np.asarray(dosages).astype(np.float32)], dtype=np.int64)
+    def condition_ids(self, dosages: sp.csr_matrix | np.ndarray) -> np.ndarray:
+        """Each dosage row's index in the vocabulary, -1 for controls and unknown conditions.
+
+        ``dosages``: a screen's per-cell CSR matrix (or dense rows). Each distinct row is looked up
+        once (:func:`distinct_dosage_rows`), not each cell."""
+        v_inv, v_keys = distinct_dosage_rows(self.cond_dosages.detach().cpu().numpy())
+        lookup = {v_keys[j]: i for i, j in enumerate(v_inv.tolist())}
+        inverse, keys = distinct_dosage_rows(dosages)
+        ids = np.array([lookup.get(k, -1) for k in keys], dtype=np.int64)
+        return ids[inverse]
 
     def condition_index(self, d: torch.Tensor) -> torch.Tensor:
         """Index of each dosage row's condition, -1 for controls; raises for unknown rows."""
@@ -191,7 +198,7 @@ class SVAEPlus(PerturbationModel):
             self.phase = state["phase"]
         self.aligned = bool(state.get("aligned", self.aligned))
 
-    def global_counts(self, dosages: np.ndarray, cond: np.ndarray) -> dict[str, torch.Tensor]:
+    def global_counts(self, dosages: sp.csr_matrix | np.ndarray, cond: np.ndarray) -> dict[str, torch.Tensor]:
         """sVAE+ charges a condition's prior to its cells: the cells of each condition."""
         c = np.asarray(cond)
         counts = np.bincount(c[c >= 0], minlength=self.n_conditions)[: self.n_conditions].astype(np.float32)

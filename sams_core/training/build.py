@@ -18,7 +18,7 @@ from sams_core.data.screen import PerturbationData
 from sams_core.data.splits import TRAIN
 from sams_core.errors import SamsError
 from sams_core.models import registry
-from sams_core.models.base import PerturbationModel
+from sams_core.models.base import PerturbationModel, cells_per_perturbation
 
 
 def build_for_data(family: str, data: PerturbationData, split: np.ndarray, **hparams: Any) -> PerturbationModel:
@@ -54,7 +54,7 @@ def build_for_data(family: str, data: PerturbationData, split: np.ndarray, **hpa
         hp.setdefault("covariate_sizes", sizes)
     model = cls(n_genes=data.n_genes, n_perturbations=data.n_perturbations, **hp)
     mean, std = input_statistics(data, train_idx)
-    counts = (data.dosages[train_idx] != 0).sum(0).astype(np.float32)
+    counts = cells_per_perturbation(data.dosages[train_idx])
     model.set_data_stats(torch.as_tensor(mean), torch.as_tensor(std), torch.as_tensor(counts))
     if sizes:
         model.set_covariate_stats(torch.as_tensor(covariate_matrix(data, train_idx).mean(0)))

@@ -484,7 +484,7 @@ class TrainStep:
         self._mode = mode
         self._static = True
         if self._in_graph_gather:  # the data is read in place by the captured graph, not copied
-            self._mark_static([t for t in (self.source.x, self.source.d, self.source.library, self.source.cond, self.source.c)])
+            self._mark_static(self.source.tensors)
         self._mark_static([self.loss_sum])
 
     def _mark_static(self, tensors: Any) -> None:
@@ -702,7 +702,7 @@ def fit(
     tr, va = _sources(model, data, split, cfg, pl.device)
     # validation charges global terms with the validation split's N_t, not the training split's
     val_idx = np.flatnonzero(split == VAL)
-    val_cells = (np.asarray(data.dosages[val_idx]), condition_ids(model, data)[val_idx]) if va is not None else None
+    val_cells = (data.dosages[val_idx], condition_ids(model, data)[val_idx]) if va is not None else None
     step = TrainStep(model, tr, cfg, pl)
     epochs = _epochs(tr.n, cfg)
     gen = tr.generator(cfg.seed)
