@@ -83,14 +83,14 @@ def test_wide_screen_dosages_are_sparse_and_held_sparse_on_the_device(monkeypatc
     counts = data.dosages[data.n_members > 0].getnnz(axis=0)
     assert (counts == 3).all()
 
-    # on the device: dense below the limit (compiled steps gather in-graph), CSR above it
+    # on the device: dense below the limit, a fixed-width members table above it; both gather in-graph
     idx = np.arange(data.n_cells)
     cond = np.full(data.n_cells, -1)
     small = DeviceData(data, idx, torch.device("cpu"), cond)
     assert small.gathers_on_device
     monkeypatch.setattr(batches, "DOSAGE_DENSE_LIMIT_BYTES", 1024)
     big = DeviceData(data, idx, torch.device("cpu"), cond)
-    assert not big.gathers_on_device and big.nbytes < small.nbytes - 40e6
+    assert big.gathers_on_device and big.nbytes < small.nbytes - 40e6
     pick = torch.tensor([0, 61, 6059, 61, 3000])
     got = big.batch(pick).d
     assert got.dtype == torch.float32 and got.shape == (5, 2000)
@@ -221,3 +221,19 @@ st.markdown(str(id(S._adata({str(path)!r}))))
     os.utime(path, ns=(time.time_ns(), time.time_ns() + 10**9))
     three = AppTest.from_string(script).run()
     assert three.markdown[0].value != one.markdown[0].value
+
+
+def test_members_table_on_the_device_keeps_doses_and_combinations(monkeypatch):
+    """Above the dense limit each cell's members and doses sit in a fixed-width table; the rows a
+    batch gets are exactly the screen's dosage rows (doses, pairs, triples, controls)."""
+    import scipy.sparse as sp
+    import torch
+
+    from sams_core.data import batches
+
+    rows = np.array([[0, 0, 0, 0], [0.5, 0, 0, 0], [1, 0, 2, 0], [0, 1, 1, 1], [0, 0, 0, 0.25]], dtype=np.float32)
+    monkeypatch.setattr(batches, "DOSAGE_DENSE_LIMIT_BYTES", 0)
+    held = batches._DeviceDosages(sp.csr_matrix(rows), torch.device("cpu"))
+    assert held.dense is None and held.members[0].shape == (5, 3)
+    pick = torch.tensor([3, 0, 2, 2, 4, 1])
+    torch.testing.assert_close(held.rows(pick), torch.as_tensor(rows[pick.numpy()]))

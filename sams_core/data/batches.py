@@ -5,9 +5,10 @@ its memory; this is done only when every value is exact in float16 (integers up 
 counts of most screens are), and batches are handed to the models in float32 either way.
 
 Dosages (a screen's CSR matrix, or dense rows) are held densely when cells × perturbations
-float32 takes at most :data:`DOSAGE_DENSE_LIMIT_BYTES`, else as CSR arrays that, like a sparse
-expression matrix, are densified only for the rows of each mini-batch: a screen of 2,000
-perturbations and 124,000 cells keeps a few MB on the device instead of 1 GB.
+float32 takes at most :data:`DOSAGE_DENSE_LIMIT_BYTES`, else as each cell's members and doses in
+a fixed-width table scattered into dense rows for each mini-batch (static shapes, no host
+synchronisation): a screen of 2,000 perturbations and 124,000 cells keeps a few MB on the device
+instead of 1 GB.
 """
 
 from __future__ import annotations
@@ -77,31 +78,45 @@ def _csr_rows(crow: torch.Tensor, col: torch.Tensor, val: torch.Tensor, idx: tor
 
 class _DeviceDosages:
     """Per-cell dosage rows on a device: a dense float32 tensor when cells × perturbations × 4
-    bytes is at most :data:`DOSAGE_DENSE_LIMIT_BYTES` (or the rows come as a tensor), else CSR
-    arrays densified for the rows each mini-batch asks for (:func:`_csr_rows`)."""
+    bytes is at most :data:`DOSAGE_DENSE_LIMIT_BYTES` (or the rows come as a tensor), else each
+    cell's members as a fixed-width table — column indices and doses [cells, most members],
+    padded with dose 0 — scattered into dense rows for each mini-batch. Either way a batch is
+    pure device indexing with static shapes (no host synchronisation; it can run inside a
+    compiled, graph-captured step), and a screen of 2,000 perturbations holds a few bytes per cell."""
 
     def __init__(self, dosages: Any, device: torch.device):
         n, width = (int(v) for v in dosages.shape)
         self.width = width
         self.dense: torch.Tensor | None = None
-        self.csr: tuple[torch.Tensor, ...] = ()
+        self.members: tuple[torch.Tensor, torch.Tensor] | None = None
         if isinstance(dosages, torch.Tensor):
             self.dense = dosages.to(device=device, dtype=torch.float32)
         elif n * width * 4 <= DOSAGE_DENSE_LIMIT_BYTES:
             rows = dosages.toarray() if sp.issparse(dosages) else dosages
             self.dense = torch.as_tensor(np.asarray(rows, dtype=np.float32), device=device)
         else:
-            self.csr = _csr_to_device(dosages if sp.issparse(dosages) else sp.csr_matrix(np.asarray(dosages, dtype=np.float32)), device)
+            m = sp.csr_matrix(dosages, dtype=np.float32)
+            lens = np.diff(m.indptr)
+            most = max(1, int(lens.max()) if n else 1)
+            cols = np.zeros((n, most), dtype=np.int64)
+            vals = np.zeros((n, most), dtype=np.float32)
+            within = np.arange(m.nnz) - np.repeat(m.indptr[:-1], lens)
+            cells = np.repeat(np.arange(n), lens)
+            cols[cells, within] = m.indices
+            vals[cells, within] = m.data
+            self.members = (torch.as_tensor(cols, device=device), torch.as_tensor(vals, device=device))
 
     def rows(self, idx: torch.Tensor) -> torch.Tensor:
         """Dense float32 dosage rows [len(idx), perturbations] of positions ``idx`` (on the device)."""
         if self.dense is not None:
             return self.dense[idx]
-        return _csr_rows(*self.csr, idx, self.width)
+        cols, vals = self.members
+        out = torch.zeros(idx.shape[0], self.width, device=vals.device, dtype=torch.float32)
+        return out.scatter_add_(1, cols[idx], vals[idx])
 
     @property
     def tensors(self) -> list[torch.Tensor]:
-        return [self.dense] if self.dense is not None else list(self.csr)
+        return [self.dense] if self.dense is not None else list(self.members)
 
 
 class DeviceData:
@@ -109,9 +124,9 @@ class DeviceData:
     on one device.
 
     Dense matrices are held as they are; sparse ones as CSR arrays, densified row-wise only for
-    the rows of each mini-batch. Dosages likewise: dense up to :data:`DOSAGE_DENSE_LIMIT_BYTES`,
-    else CSR (a screen's ``dosages`` stay sparse on the host either way); every batch holds dense
-    float32 dosage rows. :meth:`batch` gathers rows by index without host copies.
+    the rows of each mini-batch. Dosages: dense up to :data:`DOSAGE_DENSE_LIMIT_BYTES`, else
+    each cell's members in a fixed-width table (a screen's ``dosages`` stay sparse on the host
+    either way); every batch holds dense float32 dosage rows. :meth:`batch` gathers rows by index without host copies.
     ``X`` may also be a torch tensor already on the device (e.g. data generated there).
     ``storage="float16"`` holds the expression values in half the memory when every value is
     exact in float16, else keeps float32 and says why in :attr:`notes` (and a warning).
@@ -203,10 +218,10 @@ class DeviceData:
 
     @property
     def gathers_on_device(self) -> bool:
-        """Whether :meth:`batch` is pure device indexing (expression and dosages both held densely):
+        """Whether :meth:`batch` is pure device indexing (dense expression; dosages always are):
         no host synchronisation, no data-dependent shapes, so it can run inside a compiled,
         graph-captured step."""
-        return self.x is not None and self.dosages.dense is not None
+        return self.x is not None
 
     def _rows(self, idx: torch.Tensor) -> torch.Tensor:
         if self.x is not None:
@@ -333,7 +348,7 @@ class ChunkedSource:
     an in-memory matrix too large for the device). Positions ``0..n-1`` index ``idx``; chunk c is
     positions ``c·chunk_size`` .. ``(c+1)·chunk_size``, read with one sequential read when ``idx``
     is sorted, densified and kept on the device while its shuffle buffer is in use. Dosages
-    (held as :class:`DeviceData` holds them: dense when small, else CSR), library sizes and
+    (held as :class:`DeviceData` holds them: dense when small, else a members table), library sizes and
     condition ids are held on the device.
     """
 
