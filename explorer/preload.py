@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib
 import threading
+from collections.abc import Callable
 
 #: What every page draws with, PyTorch not included (the first page never waits for it).
 MODULES: tuple[str, ...] = (
@@ -58,7 +59,8 @@ _UMAP_LOCK = threading.Lock()  # its own lock: pages that do not need UMAP never
 _DONE: set[tuple[str, ...]] = set()
 
 
-def _once(modules: tuple[str, ...], lock: threading.Lock = _LOCK) -> None:
+def _once(modules: tuple[str, ...], lock: threading.Lock = _LOCK, then: Callable[[], None] | None = None) -> None:
+    """Import ``modules`` (and run ``then``) once in this process, under ``lock``."""
     if modules in _DONE:
         return
     with lock:
@@ -66,6 +68,8 @@ def _once(modules: tuple[str, ...], lock: threading.Lock = _LOCK) -> None:
             return
         for name in modules:
             importlib.import_module(name)
+        if then is not None:
+            then()
         _DONE.add(modules)
 
 
@@ -94,17 +98,12 @@ def preload_umap() -> None:
     """Import :data:`UMAP_MODULES` and compile umap-learn's functions on a tiny embedding, once in
     this process (waits while the background import runs): the first embedding a user asks for
     then takes seconds, not the ~20 s of compilation a first embedding costs in a new process."""
-    if UMAP_MODULES in _DONE:
-        return
-    with _UMAP_LOCK:
-        if UMAP_MODULES in _DONE:
-            return
-        for name in UMAP_MODULES:
-            importlib.import_module(name)
+    def warm_up() -> None:
         from sams_core.interpret.embed import warm_up_umap
 
         warm_up_umap()
-        _DONE.add(UMAP_MODULES)
+
+    _once(UMAP_MODULES, _UMAP_LOCK, then=warm_up)
 
 
 __all__ = ["MODEL_MODULES", "MODULES", "UMAP_MODULES", "preload", "preload_models", "preload_umap"]

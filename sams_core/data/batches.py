@@ -63,7 +63,7 @@ def _csr_to_device(M: Any, device: torch.device) -> tuple[torch.Tensor, torch.Te
 
 def _csr_rows(crow: torch.Tensor, col: torch.Tensor, val: torch.Tensor, idx: torch.Tensor, width: int) -> torch.Tensor:
     """Rows ``idx`` (a tensor on the arrays' device) of a CSR matrix held as device arrays,
-    densified to float32 [len(idx), width]; the one densification of expression and dosages."""
+    densified to float32 [len(idx), width] (a sparse expression matrix's mini-batch rows)."""
     device = crow.device
     starts = crow[idx]
     lens = crow[idx + 1] - starts

@@ -184,20 +184,11 @@ class HeldoutCells:
         return float(np.mean(ed)) if ed else float("nan")
 
 
-@torch.no_grad()
 def predicted_cells(model: PerturbationModel, d_row: np.ndarray, library: np.ndarray, is_counts: bool, seed: int = 0) -> np.ndarray:
     """Posterior-predictive cells of one dosage row, one per entry of ``library``: raw expression
     (counts drawn at those library sizes, or Gaussian values), globals from the guide and z_b
     from the prior. Put them on the ATE scale with :func:`transform_like_data`."""
-    device = model.input_mean.device
-    model.eval()
-    with seeded(device, seed):
-        n = len(library)
-        g = model.sample_globals(n)
-        out = model.predict(torch.as_tensor(d_row[None], device=device), g, 1)[:, 0]
-        lib = torch.as_tensor(np.asarray(library, dtype=np.float32), device=device)
-        x = model.likelihood.sample(out, lib) if is_counts else model.likelihood.sample(out, 1.0)
-        return x.cpu().numpy().astype(np.float64)
+    return predicted_cells_of_rows(model, np.asarray(d_row)[None], np.asarray(library)[None], is_counts, seed)[0]
 
 
 @torch.no_grad()
@@ -321,7 +312,7 @@ def compare_on_heldout(
     if cache is not None and ref_key in cache:  # the data side does not change when a model is added
         base = cache[ref_key]
     else:
-        base = _heldout_reference(data, split, settings)
+        base = _heldout_reference(data, split, list(settings[0]), n_cells, n_pcs, seed, max_iwelbo_cells, n_fit_cells)
         if cache is not None:
             cache[ref_key] = base
     ref, obs, floor, iw_cells = base["ref"], base["observed"], base["floor"], base["iwelbo_cells"]
@@ -349,12 +340,12 @@ def compare_on_heldout(
     return add_truth_scores(table, bundles, truth) if truth is not None else table
 
 
-def _heldout_reference(data: PerturbationData, split: np.ndarray, settings: tuple) -> dict[str, Any]:
+def _heldout_reference(data: PerturbationData, split: np.ndarray, conditions: list[str], n_cells: int, n_pcs: int,
+                       seed: int, max_iwelbo_cells: int | None, n_fit_cells: int) -> dict[str, Any]:
     """What :func:`compare_on_heldout` scores every model against: the held-out cells (PCA), their
     observed effects, the energy floor, the IWELBO cells and the two baselines' predictions and
     energy distances."""
-    conds, n_cells, n_pcs, _, seed, max_iwelbo_cells, _, n_fit_cells = settings
-    ref = HeldoutCells.build(data, split, n_cells, n_pcs, seed, conditions=list(conds), n_fit_cells=n_fit_cells)
+    ref = HeldoutCells.build(data, split, n_cells, n_pcs, seed, conditions=conditions, n_fit_cells=n_fit_cells)
     conds = ref.conditions
     wanted = set(conds)
     test = np.flatnonzero(split == TEST)

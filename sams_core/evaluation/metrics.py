@@ -458,9 +458,17 @@ def sample_conditions(conditions: Sequence[str], max_conditions: int | None, see
     return conds
 
 
-def _sampled_note(which: str, kept: int, total: int) -> str:
-    return (f"The effect scores of the {which} split are over a seeded sample of {kept} of its {total} conditions "
-            "(the quick evaluation); the full evaluation (train --full-eval) scores all of them.")
+def _scored_conditions(data: PerturbationData, split: np.ndarray, which: str, max_conditions: int | None, seed: int,
+                       ev: Evaluation) -> list[str]:
+    """The conditions of split ``which`` whose effects an evaluation scores (a seeded sample of at
+    most ``max_conditions``), with a note in ``ev`` when they are a sample."""
+    every = split_conditions(data, split, which)
+    conds = sample_conditions(every, max_conditions, seed)
+    if len(conds) < len(every):
+        ev.notes.append(f"The effect scores of the {which} split are over a seeded sample of {len(conds)} of its "
+                        f"{len(every)} conditions (the quick evaluation); the full evaluation (train --full-eval) "
+                        "scores all of them.")
+    return conds
 
 
 #: The evaluation ``train`` runs by default, under a minute at Norman scale on a CPU: the IWELBO
@@ -519,10 +527,7 @@ def evaluate_model(
         cells = np.flatnonzero(split == which)
         if cells.size == 0:
             continue
-        every = split_conditions(data, split, which)
-        conds = sample_conditions(every, max_ate_conditions, seed)
-        if len(conds) < len(every):
-            ev.notes.append(_sampled_note(which, len(conds), len(every)))
+        conds = _scored_conditions(data, split, which, max_ate_conditions, seed, ev)
         scored = cells[np.isin(data.labels[cells].astype(str), conds)]
         obs = data_ate(data, scored, ctrl) if conds else pd.DataFrame()
         pred = model_ate(model, conds, data.perturbations, data.is_counts, n_ate_samples, seed) if conds else pd.DataFrame()
@@ -560,10 +565,7 @@ def _evaluate_by_level(
         cells = np.flatnonzero(split == which)
         if cells.size == 0:
             continue
-        every = split_conditions(data, split, which)
-        conds = sample_conditions(every, max_ate_conditions, seed)
-        if len(conds) < len(every):
-            ev.notes.append(_sampled_note(which, len(conds), len(every)))
+        conds = _scored_conditions(data, split, which, max_ate_conditions, seed, ev)
         treated = cells[np.isin(data.labels[cells].astype(str), conds)]
         per_obs = data_ate_by_level(data, treated, ctrl)
         pooled_pred: pd.DataFrame | None = None
