@@ -66,6 +66,29 @@ def test_a_temporary_weight_ends_before_the_final_phase():
     torch.testing.assert_close(out.loss, out.terms["neg_elbo"])
 
 
+def test_the_sparsify_weight_on_the_masks_alone_leaves_the_embedding_terms_untempered():
+    """With ``sparsify_terms="masks"`` the sparsify phase weights only the masks' prior terms: the
+    gap between the trained objective and the ELBO does not move with the embeddings, while with
+    every term weighted it does."""
+    gaps = {}
+    for terms in ("all", "masks"):
+        m = _model(sparsify_weight=15.0, sparsify_terms=terms)
+        m.end_epoch(5, 20)  # aligned: the sparsify phase
+        assert m.schedule_phase == "sparsify"
+        gap = []
+        for shift in (0.0, 3.0):
+            with torch.no_grad():
+                m.e_mean.add_(shift)
+            out = _loss(m, _batch())
+            gap.append(float(out.loss - out.terms["neg_elbo"]))
+        gaps[terms] = gap
+    assert gaps["masks"][0] == pytest.approx(gaps["masks"][1], rel=1e-5)
+    assert abs(gaps["all"][1] - gaps["all"][0]) > 1.0
+    assert gaps["masks"][0] != pytest.approx(0.0, abs=1e-6)  # the masks' terms are weighted
+    with pytest.raises(Exception, match="sparsify_terms"):
+        _model(sparsify_terms="embeddings")
+
+
 def test_a_tempered_posterior_says_so():
     m = _model(global_weight=15.0, align_at=None)
     out = _loss(m, _batch())

@@ -49,6 +49,7 @@ from sams_core.models.registry import get as family_spec
 from sams_core.models.rotation import rotate_input, rotate_mean_head, sparsest_rotation
 
 GUIDES: tuple[str, ...] = family_spec("sams_vae").option("guide").choices or ()
+SPARSIFY_TERMS: tuple[str, ...] = family_spec("sams_vae").option("sparsify_terms").choices or ()
 
 
 class SAMSVAE(PerturbationModel):
@@ -68,7 +69,7 @@ class SAMSVAE(PerturbationModel):
         # the schedule (module docstring): prior weight of the final objective (1 = the paper's
         # ELBO), before the alignment, and for ``sparsify_for`` × the budget after it
         global_weight: float = 1.0, warmup_global_weight: float = 1.0,
-        sparsify_weight: float = 15.0, sparsify_for: float = 0.4,
+        sparsify_weight: float = 15.0, sparsify_for: float = 0.4, sparsify_terms: str = "all",
         # a per-(perturbation, level of the primary covariate) offset on the embedding (option)
         covariate_shift: bool = False,
         align_at: float | None = 0.25, align_mask_logit: float = 0.0,  # when to align, masks restart at
@@ -83,7 +84,8 @@ class SAMSVAE(PerturbationModel):
             temperature=temperature, mask_init_logit=mask_init_logit,
             global_weight=global_weight, align_at=align_at,
             warmup_global_weight=warmup_global_weight, align_mask_logit=align_mask_logit,
-            sparsify_weight=sparsify_weight, sparsify_for=sparsify_for, covariate_shift=covariate_shift,
+            sparsify_weight=sparsify_weight, sparsify_for=sparsify_for, sparsify_terms=sparsify_terms,
+            covariate_shift=covariate_shift,
             **common,
         )
         if covariate_shift:
@@ -93,6 +95,8 @@ class SAMSVAE(PerturbationModel):
                     "covariates. Read the screen with a covariate (covariate_keys=['cell_type']) or leave covariate_shift off."
                 )
         check_align_at(align_at)
+        if sparsify_terms not in SPARSIFY_TERMS:
+            raise SamsError(f"sparsify_terms must be one of {', '.join(SPARSIFY_TERMS)}, got {sparsify_terms!r}.")
         if not 0.0 <= sparsify_for < 1.0:
             raise SamsError(f"sparsify_for must be a fraction of the training budget in [0, 1), got {sparsify_for!r}.")
         self.guide = guide
@@ -104,6 +108,7 @@ class SAMSVAE(PerturbationModel):
         self.align_mask_logit = align_mask_logit
         self.sparsify_weight = sparsify_weight
         self.sparsify_for = sparsify_for
+        self.sparsify_terms = sparsify_terms
         # where the schedule stands: "warmup" (before the alignment), "sparsify", "final"
         self.phase = "final" if (align_at is None or align_at == 0.0 or not self.has_masks) else "warmup"
         self.aligned = False  # whether the basis was turned by align_units during training
@@ -147,15 +152,16 @@ class SAMSVAE(PerturbationModel):
             m = torch.sigmoid(self.mask_logits) if self.use_masks else torch.ones(T, self.n_latent, device=onehot_proj.device)
         return mean_and_log_std(self.e_net.forward_from(onehot_proj, m))
 
-    def _globals_with_log_ratio(self, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Sample ``n`` shift tables [n, T, K] with the per-perturbation log p - log q [n, T]."""
+    def _globals_with_log_ratio(self, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``n`` shift tables [n, T, K], the per-perturbation log p - log q of all globals and of
+        the masks alone [n, T], and the sampled masks."""
         T, K = self.n_perturbations, self.n_latent
         dev = self.input_mean.device
-        log_ratio = torch.zeros(n, T, device=dev)
+        mask_ratio = torch.zeros(n, T, device=dev)
         if self.use_masks:
             m, log_q_m = relaxed_bernoulli_st(self.mask_logits, self.temperature, (n,))
             log_p_m = m * self.log_alpha + (1 - m) * self.log_1m_alpha
-            log_ratio = log_ratio + (log_p_m - log_q_m).sum(-1)
+            mask_ratio = (log_p_m - log_q_m).sum(-1)
         else:
             m = None
         mean, log_std = self._embedding_params(m)
@@ -163,12 +169,12 @@ class SAMSVAE(PerturbationModel):
         e = mean + torch.exp(log_std) * eps
         log_q_e = reparam_normal_log_prob(eps, log_std).sum(-1)
         log_p_e = normal_log_prob(e, torch.zeros((), device=dev), torch.full((), self.log_s, device=dev)).sum(-1)
-        log_ratio = log_ratio + log_p_e - log_q_e
+        log_ratio = mask_ratio + log_p_e - log_q_e
         table = m * e if m is not None else e
-        return table, log_ratio, m if m is not None else torch.ones_like(e)
+        return table, log_ratio, mask_ratio, m if m is not None else torch.ones_like(e)
 
     def sample_globals(self, n: int) -> dict[str, torch.Tensor]:
-        table, _, m = self._globals_with_log_ratio(n)
+        table, _, _, m = self._globals_with_log_ratio(n)
         return {"shift_table": table, "masks": m}
 
     def mean_globals(self) -> dict[str, torch.Tensor]:
@@ -355,7 +361,7 @@ class SAMSVAE(PerturbationModel):
     def loss(self, batch: Batch, n_particles: int = 5) -> LossOutput:
         P = n_particles
         c = self.covariates_of(batch)
-        table, log_ratio, m = self._globals_with_log_ratio(P)  # [P,T,K], [P,T]
+        table, log_ratio, mask_ratio, m = self._globals_with_log_ratio(P)  # [P,T,K], [P,T], [P,T]
         shift = torch.matmul(batch.d, table)  # [P,B,K]
         level = self._level_shift(batch.d, c, m if self.use_masks else None)
         if level is not None:
@@ -366,12 +372,15 @@ class SAMSVAE(PerturbationModel):
         log_lib = torch.log(batch.library)
         log_px = self.likelihood.varying(batch.x, out, log_lib).mean(0) + self.likelihood.constant(batch.x)
         kl_z = kl_normal_std_normal(mean, log_std).sum(-1).mean(0)  # [B]
-        glob = (log_ratio @ self.global_weights(batch.d).t()).mean(0)  # [B]
+        weights = self.global_weights(batch.d).t()
+        glob = (log_ratio @ weights).mean(0)  # [B]
         offset_prior = self._offset_log_prior(batch.d)
         if offset_prior is not None:
             glob = glob + offset_prior
         elbo = log_px - kl_z + glob  # the paper's ELBO, whatever the schedule's weight
-        objective = elbo + (self.current_global_weight - 1.0) * glob
+        # the schedule's weight: on every global term, or in the sparsify phase on the masks' alone
+        weighted = (mask_ratio @ weights).mean(0) if self.phase == "sparsify" and self.sparsify_terms == "masks" else glob
+        objective = elbo + (self.current_global_weight - 1.0) * weighted
         return LossOutput(
             loss=-objective.mean(),
             terms={
