@@ -94,6 +94,10 @@ MODELS: dict[str, tuple[str, str, dict[str, Any]]] = {
                         {"guide": "mean-field", "sparsify_weight": 15.0, "sparsify_for": 0.4}),
     "sams-mf-prune30": ("SAMS-VAE (mean-field, pruned ×30 for 50 %)", "sams_vae",
                         {"guide": "mean-field", "sparsify_weight": 30.0, "sparsify_for": 0.5}),
+    "sams-mf-prune60": ("SAMS-VAE (mean-field, pruned ×60 for 50 %)", "sams_vae",
+                        {"guide": "mean-field", "sparsify_weight": 60.0, "sparsify_for": 0.5}),
+    "sams-mf-late30": ("SAMS-VAE (mean-field, aligned at 40 %, pruned ×30 for 45 %)", "sams_vae",
+                       {"guide": "mean-field", "align_at": 0.4, "sparsify_weight": 30.0, "sparsify_for": 0.45}),
     # the same, with the temporary weight on the masks' prior terms alone (embeddings untempered)
     "sams-mf-masks60": ("SAMS-VAE (mean-field, masks pruned ×60 for 50 %)", "sams_vae",
                         {"guide": "mean-field", "sparsify_weight": 60.0, "sparsify_for": 0.5, "sparsify_terms": "masks"}),

@@ -104,10 +104,10 @@ def test_schedule_aligns_once_then_trains_the_final_objective():
     assert m.aligned and m.schedule_phase == "final" and m.current_global_weight == 10.0
     assert torch.allclose(torch.sigmoid(m.mask_logits), torch.full((12, 4), 0.5))
     assert not m.end_epoch(3, 8)
-    default = _model("mean-field")  # align after 2 of 8 epochs, prune at weight 15 for 3, end on the ELBO
+    default = _model("mean-field")  # align after 2 of 8 epochs, prune at weight 30 for 4, end on the ELBO
     assert [(default.end_epoch(e, 8), default.schedule_phase, default.current_global_weight) for e in range(1, 9)] == [
-        (False, "warmup", 1.0), (True, "sparsify", 15.0), (False, "sparsify", 15.0), (False, "sparsify", 15.0),
-        (False, "final", 1.0), (False, "final", 1.0), (False, "final", 1.0), (False, "final", 1.0)]
+        (False, "warmup", 1.0), (True, "sparsify", 30.0), (False, "sparsify", 30.0), (False, "sparsify", 30.0),
+        (False, "sparsify", 30.0), (False, "final", 1.0), (False, "final", 1.0), (False, "final", 1.0)]
     never = _model("mean-field", align_at=None)  # the paper's ELBO from the first epoch
     assert not never.aligned and never.schedule_phase == "final"
     assert not never.end_epoch(5, 8) and never.current_global_weight == 1.0
@@ -117,14 +117,26 @@ def test_schedule_aligns_once_then_trains_the_final_objective():
         _model("mean-field", align_at=1.5)
 
 
-def test_training_aligns_on_schedule(data_split):
-    """fit() runs the schedule: the basis is aligned after a quarter of the budget and training
-    goes on with a fresh optimiser; the kept state is from after the alignment."""
+def test_training_aligns_on_schedule(data_split, monkeypatch):
+    """fit() runs the schedule: the basis is aligned after a quarter of the budget and each new
+    phase (the pruning after the alignment, the final ELBO) starts with a fresh optimiser; the kept
+    state is from the final phase."""
+    from sams_core.training import trainer
     from sams_core.training.trainer import TrainConfig, train
 
+    restarts = []
+    original = trainer.TrainStep.restart_optimizer
+
+    def record(step):
+        restarts.append((step.model.schedule_phase, step.steps))
+        original(step)
+
+    monkeypatch.setattr(trainer.TrainStep, "restart_optimizer", record)
     data, split = data_split
     model, res = train(data, "sams_vae", split, TrainConfig(epochs=8, batch_size=256), n_latent=4, n_hidden=32)
-    assert model.aligned and res.best_epoch > 2
+    assert model.aligned and res.best_epoch > 6 and res.best_phase == "final"
+    per_epoch = res.history[0].step
+    assert restarts == [("warmup", 0), ("sparsify", 2 * per_epoch), ("final", 6 * per_epoch)]  # the first: a new run
     short, _ = train(data, "sams_vae", split, TrainConfig(epochs=1, batch_size=256), n_latent=4, n_hidden=32)
     assert not short.aligned  # nothing left to train after an alignment: not done
 

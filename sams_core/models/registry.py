@@ -385,11 +385,11 @@ _builtin(
         Option("align_at", float, 0.25, "fraction of the budget after which the latent basis is turned to the sparsest "
                "rotation of the perturbation shifts ('none': never)",
                low=0.0, high=1.0, high_open=True, none_allowed=True),
-        Option("sparsify_weight", float, 15.0, "temporary weight of the mask and embedding prior terms for "
+        Option("sparsify_weight", float, 30.0, "temporary weight of the mask and embedding prior terms for "
                "sparsify_for of the budget after the alignment (1: none)", low=0.0),
         Option("sparsify_terms", str, "all", "which prior terms carry sparsify_weight: all global terms (masks and "
                "embeddings) or the masks' alone", choices=("all", "masks")),
-        Option("sparsify_for", float, 0.4, "fraction of the budget after the alignment trained at sparsify_weight, "
+        Option("sparsify_for", float, 0.5, "fraction of the budget after the alignment trained at sparsify_weight, "
                "before the final phase", low=0.0, high=1.0, high_open=True),
         Option("global_weight", float, 1.0, "weight of the mask and embedding prior terms in the final objective: "
                "1 = the paper's ELBO (the SAMS-VAE posterior); any other value trains a tempered posterior",

@@ -69,7 +69,7 @@ class SAMSVAE(PerturbationModel):
         # the schedule (module docstring): prior weight of the final objective (1 = the paper's
         # ELBO), before the alignment, and for ``sparsify_for`` × the budget after it
         global_weight: float = 1.0, warmup_global_weight: float = 1.0,
-        sparsify_weight: float = 15.0, sparsify_for: float = 0.4, sparsify_terms: str = "all",
+        sparsify_weight: float = 30.0, sparsify_for: float = 0.5, sparsify_terms: str = "all",
         # a per-(perturbation, level of the primary covariate) offset on the embedding (option)
         covariate_shift: bool = False,
         align_at: float | None = 0.25, align_mask_logit: float = 0.0,  # when to align, masks restart at

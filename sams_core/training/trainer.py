@@ -338,7 +338,7 @@ class TrainStep:
     # ---- optimiser ------------------------------------------------------------------------
     def restart_optimizer(self) -> None:
         """A new Adam over the same parameter groups: no running moments (after a model re-expresses
-        its parameters, see :meth:`PerturbationModel.end_epoch`)."""
+        its parameters or its schedule changes the objective, see :meth:`PerturbationModel.end_epoch`)."""
         self.opt = torch.optim.Adam([g for g in self.groups if g["params"]], capturable=self._capturable)
         self._warm = False
 
@@ -733,11 +733,12 @@ def fit(
         if progress is not None and pl.rank == 0:
             progress(rec)
         reexpressed = model.end_epoch(epoch, epochs)
-        if reexpressed:
-            # the model re-expressed its parameters (SAMS-VAE's alignment of the latent basis, the
-            # same on every rank): Adam's running moments belong to the old parameterisation
-            step.restart_optimizer()
         if reexpressed or model.schedule_phase != phase:
+            # the model re-expressed its parameters (SAMS-VAE's alignment of the latent basis, the
+            # same on every rank) or the schedule changed the objective (a prior weight of 30
+            # dropping to 1): Adam's running moments belong to the old parameters or the old
+            # gradients' scale, and would hold the steps of the next phase far below the rate
+            step.restart_optimizer()
             # a new phase of the schedule: its state is the one to deliver, so keeping starts afresh
             # (the best state so far is recorded, and a note says so if it stays the better one)
             best.forget()
