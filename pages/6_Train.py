@@ -75,9 +75,10 @@ spec = specs[family]
 st.caption(spec.summary)
 options: dict[str, Any] = {}
 refused = False
-if spec.options:
-    c = st.columns(len(spec.options))
-    for where, opt in zip(c, spec.options, strict=True):
+OPTIONS_PER_ROW = 4  # a family with many options (SAMS-VAE's schedule) gets rows, not slivers
+for start in range(0, len(spec.options), OPTIONS_PER_ROW):
+    row = spec.options[start : start + OPTIONS_PER_ROW]
+    for where, opt in zip(st.columns(OPTIONS_PER_ROW), row, strict=False):  # the last row may be shorter
         try:
             options[opt.name] = opt.validate(option_widget(where, family, opt))
         except SamsError as e:
