@@ -385,7 +385,7 @@ _builtin(
         Option("align_at", float, 0.25, "fraction of the budget after which the latent basis is turned to the sparsest "
                "rotation of the perturbation shifts ('none': never)",
                low=0.0, high=1.0, high_open=True, none_allowed=True),
-        Option("sparsify_weight", float, 30.0, "temporary weight of the mask and embedding prior terms for "
+        Option("sparsify_weight", float, 30.0, "temporary weight of the prior terms named by sparsify_terms for "
                "sparsify_for of the budget after the alignment (1: none)", low=0.0),
         Option("sparsify_terms", str, "all", "which prior terms carry sparsify_weight: all global terms (masks and "
                "embeddings) or the masks' alone", choices=("all", "masks")),
