@@ -108,6 +108,11 @@ def test_selection_survives_navigation(server):
                     page.locator('[data-testid="stSidebarNav"] a', has_text=name).first.click()
                     page.wait_for_selector("h1", timeout=60_000)
                     page.get_by_text("CPA-VAE").first.wait_for(timeout=240_000)
+                    # the query string is written by the page's run, which may end after the text shows
+                    try:
+                        page.wait_for_url("**model=cpa_vae**", timeout=60_000)
+                    except Exception:
+                        pass
                     assert "model=cpa_vae" in page.url, (name, page.url)
                     assert not page.query_selector_all('[data-testid="stException"]'), name
         finally:

@@ -24,7 +24,11 @@ def fitted(screen):
     data = from_anndata(screen[0])
     bundle, _, _ = train_bundle(
         data, "sams_vae", SplitSpec("heldout-combos", 0.34, seed=0), TrainConfig(epochs=25, lr=3e-3, batch_size=256),
-        None, evaluate=False, n_latent=4, n_hidden=64,
+        # the ranking is checked against Compose within Monte-Carlo error, which needs a settled
+        # posterior: in 25 epochs the default schedule (×30 for half the budget) leaves 6 to the
+        # final ELBO and its embeddings' spread is still wide (median sd 0.21 against 0.13), so
+        # this model is pruned at ×15 for 40 %, the earlier default
+        None, evaluate=False, n_latent=4, n_hidden=64, sparsify_weight=15.0, sparsify_for=0.4,
     )
     return data, bundle
 
@@ -233,7 +237,7 @@ def test_prediction_draws_are_paired_across_rows(fitted):
     data, bundle = fitted
     row = data.dosage_row("KLF1")
     draws = model_ate_draws(bundle.model, np.vstack([row, row]), bundle.is_counts, 8, 5, seed=1, sample_counts=False)
-    np.testing.assert_allclose(draws[:, 0], draws[:, 1], atol=1e-6)
+    np.testing.assert_allclose(draws[:, 0], draws[:, 1], atol=1e-5)  # float32 rounding; unpaired draws differ by ~0.1
 
 
 def test_weak_pairs_score_in_compose_as_in_the_ranking(fitted):
