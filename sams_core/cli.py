@@ -284,7 +284,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from sams_core.io.bundle import check_output
     from sams_core.pipeline import SplitSpec, train_bundle
     from sams_core.training import distributed
-    from sams_core.training.trainer import TrainConfig, tqdm_progress
+    from sams_core.training.trainer import TrainConfig, mask_settling_note, tqdm_progress
 
     if args.devices < 1:
         raise SamsError(f"--devices must be at least 1, got {args.devices}.")
@@ -317,7 +317,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         # only rank 0 reports, evaluates and writes the bundle; every rank trains
         update, close = tqdm_progress(args.epochs if args.steps is None else 1, desc=args.model) if main else (None, lambda: None)
         try:
-            _, result, ev = train_bundle(
+            bundle, result, ev = train_bundle(
                 data, args.model, spec, cfg, args.out if main else None, update, (not args.no_eval) and main,
                 full_evaluation=args.full_eval, **hp
             )
@@ -331,6 +331,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     print(f"best epoch {result.best_epoch}, {result.seconds:.1f} s; saved {args.out}", file=sys.stderr)
     for note in result.notes:
         print(f"note: {note}", file=sys.stderr)
+    probs = bundle.mask_probabilities()
+    if probs is not None and (settling := mask_settling_note(result.history_table(), probs.size)):
+        print(f"note: {settling}", file=sys.stderr)
     if ev is not None:
         if not args.full_eval:
             print("evaluated on a seeded sample (at most 1,000 cells and 50 conditions per split, 20 importance samples); "
