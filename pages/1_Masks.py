@@ -9,7 +9,6 @@ import streamlit as st
 from explorer import state as S
 from sams_core import plots
 from sams_core.plots import heatmap_orders
-from sams_core.training.trainer import mask_settling_note
 
 ctx = S.page("Masks")
 bundle = ctx.bundle
@@ -22,7 +21,7 @@ if probs is None:
         st.stop()
 rows = bundle.mask_rows
 units = [f"unit {k}" for k in range(bundle.n_latent)]
-if probs is not None and (settling := mask_settling_note(bundle.history, probs.size)):
+if settling := bundle.mask_settling_note():
     st.info(settling, icon=":material/pending:")
 
 c1, c2, c3 = st.columns([1, 1, 2])

@@ -284,7 +284,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from sams_core.io.bundle import check_output
     from sams_core.pipeline import SplitSpec, train_bundle
     from sams_core.training import distributed
-    from sams_core.training.trainer import TrainConfig, mask_settling_note, tqdm_progress
+    from sams_core.training.trainer import TrainConfig, tqdm_progress
 
     if args.devices < 1:
         raise SamsError(f"--devices must be at least 1, got {args.devices}.")
@@ -331,8 +331,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     print(f"best epoch {result.best_epoch}, {result.seconds:.1f} s; saved {args.out}", file=sys.stderr)
     for note in result.notes:
         print(f"note: {note}", file=sys.stderr)
-    probs = bundle.mask_probabilities()
-    if probs is not None and (settling := mask_settling_note(result.history_table(), probs.size)):
+    if settling := bundle.mask_settling_note():
         print(f"note: {settling}", file=sys.stderr)
     if ev is not None:
         if not args.full_eval:

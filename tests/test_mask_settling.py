@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sams_core.training.trainer import mask_settling_note
+from sams_core.io.bundle import mask_settling_note
 
 
 def _history(on_counts: list[int], n_entries: int, phases: list[str] | None = None) -> list[dict]:

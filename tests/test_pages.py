@@ -94,10 +94,8 @@ def test_masks_page():
     assert len(at.get("plotly_chart")) >= 3  # model masks + embeddings + truth
     # masks still switching as training ended are said, exactly when the bundle's history shows it
     from sams_core.io.bundle import load_bundle
-    from sams_core.training.trainer import mask_settling_note
 
-    bundle = load_bundle(DEMO / f"{at.selectbox(key='w_model').value}.sams")
-    expected = mask_settling_note(bundle.history, bundle.mask_probabilities().size)
+    expected = load_bundle(DEMO / f"{at.selectbox(key='w_model').value}.sams").mask_settling_note()
     shown = [i.value for i in at.info if "still switching" in i.value]
     assert shown == ([expected] if expected else []), shown
     at.selectbox(key="w_masks_pert").select("SPI1").run()

@@ -28,6 +28,7 @@ import secrets
 import shutil
 import struct
 import zipfile
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -142,6 +143,12 @@ class ModelBundle:
     def history(self) -> list[dict[str, Any]]:
         return list((self.manifest.get("training") or {}).get("history") or [])
 
+    def mask_settling_note(self) -> str | None:
+        """Whether the masks were still switching as training ended (:func:`mask_settling_note`
+        on this bundle's history); None when they had settled or the model has no masks."""
+        probs = self.mask_probabilities()
+        return None if probs is None else mask_settling_note(self.history, probs.size)
+
     @property
     def metrics(self) -> dict[str, Any]:
         return dict(self.manifest.get("metrics") or {})
@@ -152,6 +159,46 @@ class ModelBundle:
             state = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
             self.manifest["weights_sha256"] = hashlib.sha256(st_save(state)).hexdigest()
         return str(self.manifest["weights_sha256"])[:16]
+
+
+def mask_settling_note(history: Sequence[Mapping[str, Any]], n_entries: int) -> str | None:
+    """A warning when the masks were still switching on (or off) as training ended, else None.
+
+    Reads a training history (``TrainResult.history_table()`` or :attr:`ModelBundle.history`) of a
+    model with ``n_entries`` mask entries (rows × units). It looks at the second half of the last
+    schedule phase, the objective the delivered state was trained on. If the number of masks at
+    P ≥ 0.5 changed by at least 2 and by at least 5 % over that half, the objective had not
+    settled its masks: entries near the threshold may still change, and their number was still
+    drifting. On the reference simulator at the published size this is what happens under the
+    paper's ELBO (``bench/mask_gains.py``). None for histories without masks or with fewer than 4
+    epochs in that phase.
+    """
+    recs = [r for r in history if r.get("mask_frac_high") is not None]
+    if not recs or n_entries <= 0:
+        return None
+    phase = recs[-1].get("phase")
+    tail: list[Mapping[str, Any]] = []
+    for r in reversed(recs):
+        if r.get("phase") != phase:
+            break
+        tail.append(r)
+    tail.reverse()
+    if len(tail) < 4:
+        return None
+    first, last = tail[len(tail) // 2], tail[-1]
+    on_first = round(float(first["mask_frac_high"]) * n_entries)
+    on_last = round(float(last["mask_frac_high"]) * n_entries)
+    change = on_last - on_first
+    if abs(change) < max(2, 0.05 * max(on_first, 1)):
+        return None
+    phased = len(tail) < len(recs) and phase
+    where = f"the second half of the {phase} phase" if phased else "the second half of training"
+    return (
+        f"The masks were still switching {'on' if change > 0 else 'off'} when training ended: {on_first:,} masks at "
+        f"P ≥ 0.5 at epoch {first['epoch']}, {on_last:,} at epoch {last['epoch']} ({where}). The objective had not "
+        "settled them, so masks near the threshold may still change. Train for more epochs before reading "
+        "masks one by one."
+    )
 
 
 def _jsonable(v: Any) -> Any:

@@ -39,7 +39,7 @@ import math
 import time
 import types
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -178,46 +178,6 @@ class TrainResult:
 
     def history_table(self) -> list[dict[str, Any]]:
         return [h.as_dict() for h in self.history]
-
-
-def mask_settling_note(history: Sequence[Mapping[str, Any]], n_entries: int) -> str | None:
-    """A warning when the masks were still switching on (or off) as training ended, else None.
-
-    Reads a training history (:meth:`TrainResult.history_table` or a bundle's ``history``) of a
-    model with ``n_entries`` mask entries (rows × units). It looks at the second half of the last
-    schedule phase, the objective the delivered state was trained on. If the number of masks at
-    P ≥ 0.5 changed by at least 2 and by at least 5 % over that half, the objective had not
-    settled its masks: entries near the threshold may still change, and their number was still
-    drifting. On the reference simulator at the published size this is what happens under the
-    paper's ELBO (``bench/mask_gains.py``). None for histories without masks or with fewer than 4
-    epochs in that phase.
-    """
-    recs = [r for r in history if r.get("mask_frac_high") is not None]
-    if not recs or n_entries <= 0:
-        return None
-    phase = recs[-1].get("phase")
-    tail: list[Mapping[str, Any]] = []
-    for r in reversed(recs):
-        if r.get("phase") != phase:
-            break
-        tail.append(r)
-    tail.reverse()
-    if len(tail) < 4:
-        return None
-    first, last = tail[len(tail) // 2], tail[-1]
-    on_first = round(float(first["mask_frac_high"]) * n_entries)
-    on_last = round(float(last["mask_frac_high"]) * n_entries)
-    change = on_last - on_first
-    if abs(change) < max(2, 0.05 * max(on_first, 1)):
-        return None
-    phased = len(tail) < len(recs) and phase
-    where = f"the second half of the {phase} phase" if phased else "the second half of training"
-    return (
-        f"The masks were still switching {'on' if change > 0 else 'off'} when training ended: {on_first:,} masks at "
-        f"P ≥ 0.5 at epoch {first['epoch']}, {on_last:,} at epoch {last['epoch']} ({where}). The objective had not "
-        "settled them, so masks near the threshold may still change. Train for more epochs before reading "
-        "masks one by one."
-    )
 
 
 def mask_sparsity(model: PerturbationModel) -> tuple[float | None, float | None]:
