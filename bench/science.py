@@ -104,6 +104,15 @@ MODELS: dict[str, tuple[str, str, dict[str, Any]]] = {
                         {"guide": "mean-field", "sparsify_weight": 60.0, "sparsify_for": 0.5, "sparsify_terms": "masks"}),
     "sams-mf-masks30": ("SAMS-VAE (mean-field, masks pruned ×30 for 50 %)", "sams_vae",
                         {"guide": "mean-field", "sparsify_weight": 30.0, "sparsify_for": 0.5, "sparsify_terms": "masks"}),
+    # where the masks restart after the alignment (the embeddings keep each expected shift): the
+    # default is logit 1.5 (probability 0.82); before it, masks restarted at 0.5 and the expected
+    # shifts were halved, a loss the encoder absorbed and training did not undo
+    "sams-mf-restart50": ("SAMS-VAE (mean-field, masks restart at 0.5)", "sams_vae", {"guide": "mean-field", "align_mask_logit": 0.0}),
+    "sams-mf-restart95": ("SAMS-VAE (mean-field, masks restart at 0.95)", "sams_vae", {"guide": "mean-field", "align_mask_logit": 3.0}),
+    "sams-mf-masks30-on": ("SAMS-VAE (mean-field, masks restart at 0.95, masks pruned ×30 for 50 %)", "sams_vae",
+                           {"guide": "mean-field", "align_mask_logit": 3.0, "sparsify_terms": "masks"}),
+    "sams-mf-align-on": ("SAMS-VAE (mean-field, masks restart at 0.95, no pruning phase)", "sams_vae",
+                         {"guide": "mean-field", "align_mask_logit": 3.0, "sparsify_for": 0.0}),
     "sams-corr": ("SAMS-VAE (correlated)", "sams_vae", {"guide": "correlated", "embed_hidden": 128}),
     "cpa": ("CPA-VAE", "cpa_vae", {}),
     "cvae": ("conditional VAE", "conditional_vae", {}),

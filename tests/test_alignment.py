@@ -51,6 +51,21 @@ def test_rotation_describes_the_same_cells(guide):
         torch.testing.assert_close(m.latent_shift(torch.eye(12)), shift @ Q, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("mask_logit", [0.0, 3.0])
+def test_masks_restarting_below_one_keep_the_expected_shifts(mask_logit):
+    """Masks restarting at probability p < 1 would scale every expected shift by p; the embeddings
+    make up for it, so each perturbation's expected shift is the rotated one."""
+    m = _model("mean-field")
+    m.mask_logits.data.fill_(30.0)
+    with torch.no_grad():
+        shift = m.latent_shift(torch.eye(12))
+    Q, _ = torch.linalg.qr(torch.randn(4, 4, generator=torch.Generator().manual_seed(2)))
+    m.rotate_units(Q, mask_logit=mask_logit)
+    with torch.no_grad():
+        assert torch.sigmoid(m.mask_logits).allclose(torch.sigmoid(torch.tensor(mask_logit)))
+        torch.testing.assert_close(m.latent_shift(torch.eye(12)), shift @ Q, atol=1e-5, rtol=1e-5)
+
+
 def test_rotation_must_be_orthogonal():
     with pytest.raises(ValueError, match="orthogonal"):
         _model("mean-field").rotate_units(torch.full((4, 4), 0.5))

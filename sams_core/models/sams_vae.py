@@ -10,7 +10,8 @@ q(z_b | x, shift) an encoder on standardised expression and the sampled shift.
 
 Training schedule (DESIGN §2, "defaults are the papers' models"): the likelihood does not identify
 the latent basis, so after ``align_at`` × the budget the basis is turned to the rotation in which
-the perturbation shifts are sparsest (:meth:`SAMSVAE.align_units`); for the next
+the perturbation shifts are sparsest (:meth:`SAMSVAE.align_units`), where the masks restart at
+probability sigmoid(``align_mask_logit``) = 0.82 and the embeddings keep every expected shift; for the next
 ``sparsify_for`` × the budget the prior terms (all global terms, or with ``sparsify_terms="masks"``
 the masks' alone) may carry a temporary weight ``sparsify_weight`` that prunes the masks in the
 new basis; the last phase ("final") trains the objective whose
@@ -73,7 +74,8 @@ class SAMSVAE(PerturbationModel):
         sparsify_weight: float = 30.0, sparsify_for: float = 0.5, sparsify_terms: str = "all",
         # a per-(perturbation, level of the primary covariate) offset on the embedding (option)
         covariate_shift: bool = False,
-        align_at: float | None = 0.25, align_mask_logit: float = 0.0,  # when to align, masks restart at
+        # when to align; the masks' logit after it (1.5: probability 0.82, expected shifts kept)
+        align_at: float | None = 0.25, align_mask_logit: float = 1.5,
         **common: Any,
     ):
         if guide not in GUIDES:
@@ -234,10 +236,11 @@ class SAMSVAE(PerturbationModel):
         """Express the model in the latent basis z' = z R (R orthogonal [K, K]).
 
         The basal prior N(0, I) is unchanged by a rotation, the encoder's mean output and the
-        decoder's input are rotated with it, so the networks describe the same cells. The
-        expected shifts E[m ⊙ e] become the new embedding means; masks do not rotate, so their
-        logits are set to ``mask_logit`` (kept as they are when None, exact only when R permutes
-        units).
+        decoder's input are rotated with it, so the networks describe the same cells. Masks do not
+        rotate, so their logits are set to ``mask_logit`` (kept as they are when None, exact only
+        when R permutes units); the mean-field embedding means become the rotated expected shifts
+        E[m ⊙ e] divided by the masks' new probability, so every perturbation's expected shift is
+        kept (the correlated guide's embedding net is rotated as it is).
         """
         K = self.n_latent
         R = rotation.to(self.input_mean.device, torch.float32)
@@ -252,7 +255,10 @@ class SAMSVAE(PerturbationModel):
         if hasattr(self, "shift_offset"):
             self.shift_offset.copy_(self.shift_offset @ R)
         if self.guide == "mean-field":
-            self.e_mean.copy_(table @ R)
+            # E[m ⊙ e] = p ⊙ e: with the masks restarting at probability p, embeddings of 1/p × the
+            # rotated expected shifts keep every perturbation's expected shift where it was
+            keep = 1.0 / torch.sigmoid(torch.tensor(float(mask_logit))).item() if self.use_masks and mask_logit is not None else 1.0
+            self.e_mean.copy_(table @ R * keep)
             self.e_log_std.fill_(-2.0)
         else:
             rotate_mean_head(self.e_net.rest[-1], R)
@@ -310,7 +316,7 @@ class SAMSVAE(PerturbationModel):
         self.final_from_epoch = state.get("final_from_epoch")
 
     @torch.no_grad()
-    def align_units(self, mask_logit: float = 0.0) -> torch.Tensor:
+    def align_units(self, mask_logit: float = 1.5) -> torch.Tensor:
         """Turn the latent basis to the one in which the perturbations' shifts are sparsest.
 
         The likelihood does not identify the basis (a rotated basal prior is the same prior); only
