@@ -63,21 +63,27 @@ def per_perturbation(bundle, data, split: np.ndarray, true: np.ndarray, seed: in
     return pd.DataFrame(rows)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--kind", choices=sorted(SCREENS), default="svae")
+def screen_from_args(doc: str, screens: dict[str, tuple]) -> tuple[argparse.Namespace, object, object, SplitSpec, np.ndarray]:
+    """The command line of a diagnosis on one simulated screen (--kind, --seed, --epochs, --hidden,
+    --threads): (arguments, the screen's truth, its PerturbationData, the seeded split spec, the split)."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--kind", choices=sorted(screens), default="svae")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--epochs", type=int, default=150)
     ap.add_argument("--hidden", type=int, default=128)
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    t0 = time.perf_counter()
-    simulate, spec = SCREENS[args.kind]
+    simulate, spec = screens[args.kind]
     adata = simulate(seed=args.seed)
     truth, data = truth_from_adata(adata), from_anndata(adata)
     spec = SplitSpec(spec.kind, spec.fraction, spec.val_fraction, spec.test_fraction, args.seed)
-    split = spec.make(data)
+    return args, truth, data, spec, spec.make(data)
+
+
+def main() -> None:
+    t0 = time.perf_counter()
+    args, truth, data, spec, split = screen_from_args(__doc__, SCREENS)
     true = truth_masks_for(truth, list(data.perturbations)).astype(bool)
     summary = []
     for label, hp in MODELS.items():

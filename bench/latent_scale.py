@@ -24,7 +24,6 @@ Use choosing seeds (0-2): this is a diagnosis, and it looks at the answer key.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -35,11 +34,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from sams_core.data.screen import from_anndata
+from effect_shrinkage import screen_from_args  # noqa: E402  (beside this script)
 from sams_core.evaluation.metrics import calibration, data_ate, model_ate
 from sams_core.interpret.embed import cell_latents
 from sams_core.pipeline import SplitSpec, train_bundle
-from sams_core.simulate import simulate_svae_screen, truth_from_adata
+from sams_core.simulate import simulate_svae_screen
 from sams_core.training.trainer import TrainConfig
 
 #: screens whose held-out cells include every single (a random split of the cells)
@@ -83,20 +82,8 @@ def latent_scale(bundle, data, split: np.ndarray, true_shift: np.ndarray, seed: 
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--kind", choices=sorted(SCREENS), default="svae")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--epochs", type=int, default=150)
-    ap.add_argument("--hidden", type=int, default=128)
-    ap.add_argument("--threads", type=int, default=1)
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    simulate, spec = SCREENS[args.kind]
-    adata = simulate(seed=args.seed)
-    truth, data = truth_from_adata(adata), from_anndata(adata)
-    spec = SplitSpec(spec.kind, spec.fraction, spec.val_fraction, spec.test_fraction, args.seed)
-    split = spec.make(data)
+    args, truth, data, spec, split = screen_from_args(__doc__, SCREENS)
     order = [list(truth.perturbations).index(p) for p in data.perturbations]
     true_shift = np.asarray(truth.embeddings)[order]
     rows = []
