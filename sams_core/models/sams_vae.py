@@ -11,10 +11,10 @@ q(z_b | x, shift) an encoder on standardised expression and the sampled shift.
 Training schedule (DESIGN §2, "defaults are the papers' models"): the likelihood does not identify
 the latent basis, so after ``align_at`` × the budget the basis is turned to the rotation in which
 the perturbation shifts are sparsest (:meth:`SAMSVAE.align_units`), where the masks restart at
-probability sigmoid(``align_mask_logit``) = 0.82 and the embeddings keep every expected shift; for the next
-``sparsify_for`` × the budget the prior terms (all global terms, or with ``sparsify_terms="masks"``
-the masks' alone) may carry a temporary weight ``sparsify_weight`` that prunes the masks in the
-new basis; the last phase ("final") trains the objective whose
+probability sigmoid(``align_mask_logit``) = 0.82 and the embeddings keep every expected shift;
+for the next ``sparsify_for`` × the budget the prior terms (all global terms, or with
+``sparsify_terms="masks"`` the masks' alone) may carry a temporary weight ``sparsify_weight``
+that prunes the masks in the new basis; the last phase ("final") trains the objective whose
 prior weight is ``global_weight`` — 1, the paper's ELBO, by default, so the delivered masks,
 embeddings and intervals are the SAMS-VAE posterior. ``global_weight`` ≠ 1 is a *tempered*
 posterior and the model's label says so. The schedule runs through :meth:`SAMSVAE.end_epoch`;
