@@ -117,7 +117,7 @@ def test_schedule_aligns_once_then_trains_the_final_objective():
     assert not m.end_epoch(1, 8)
     assert m.end_epoch(2, 8)
     assert m.aligned and m.schedule_phase == "final" and m.current_global_weight == 10.0
-    assert torch.allclose(torch.sigmoid(m.mask_logits), torch.full((12, 4), 0.5))
+    assert torch.allclose(torch.sigmoid(m.mask_logits), torch.full((12, 4), torch.sigmoid(torch.tensor(1.5)).item()))
     assert not m.end_epoch(3, 8)
     default = _model("mean-field")  # align after 2 of 8 epochs, prune at weight 30 for 4, end on the ELBO
     assert [(default.end_epoch(e, 8), default.schedule_phase, default.current_global_weight) for e in range(1, 9)] == [

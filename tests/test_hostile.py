@@ -317,6 +317,21 @@ def test_kill_during_save_leaves_a_whole_bundle(bundle_path, tmp_path, kind):
     assert sorted(p.name for p in tmp_path.iterdir()) == [kind], list(tmp_path.iterdir())
 
 
+def test_next_save_removes_a_killed_saves_write_probe(bundle_path, tmp_path):
+    """A save killed between its write probe and the probe's removal leaves the probe behind; the
+    next save to the same path removes it (the probe's process is gone), not a live one's."""
+    b = load_bundle(bundle_path)
+    target = tmp_path / "m.sams"
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / f".m.sams.write-test-{dead.pid}-abc123"
+    live = tmp_path / f".m.sams.write-test-{os.getppid()}-def456"
+    stale.write_bytes(b"")
+    live.write_bytes(b"")
+    save_bundle(target, b.model, b.manifest)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, "m.sams"])
+
+
 def test_full_disk_keeps_the_old_bundle(bundle_path, tmp_path, monkeypatch):
     b = load_bundle(bundle_path)
     for target in (tmp_path / "m.sams", tmp_path / "folder"):

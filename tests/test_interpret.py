@@ -23,12 +23,11 @@ from sams_core.training.trainer import TrainConfig
 def fitted(screen):
     data = from_anndata(screen[0])
     bundle, _, _ = train_bundle(
-        data, "sams_vae", SplitSpec("heldout-combos", 0.34, seed=0), TrainConfig(epochs=25, lr=3e-3, batch_size=256),
+        data, "sams_vae", SplitSpec("heldout-combos", 0.34, seed=0), TrainConfig(epochs=40, lr=3e-3, batch_size=256),
         # the ranking is checked against Compose within Monte-Carlo error, which needs a settled
-        # posterior: in 25 epochs the default schedule (×30 for half the budget) leaves 6 to the
-        # final ELBO and its embeddings' spread is still wide (median sd 0.21 against 0.13), so
-        # this model is pruned at ×15 for 40 %, the earlier default
-        None, evaluate=False, n_latent=4, n_hidden=64, sparsify_weight=15.0, sparsify_for=0.4,
+        # posterior: the default schedule leaves a quarter of the budget to the final ELBO, and
+        # after 25 epochs (6 of them final) the embeddings' spread is still wide
+        None, evaluate=False, n_latent=4, n_hidden=64,
     )
     return data, bundle
 
@@ -242,8 +241,11 @@ def test_prediction_draws_are_paired_across_rows(fitted):
 
 def test_weak_pairs_score_in_compose_as_in_the_ranking(fitted):
     """With paired draws Compose's interaction score of every ranked pair, weak ones included,
-    is the ranking's within a few hundredths."""
+    is the ranking's within a few hundredths. The score is a ratio to the pair's own effect: where
+    the members cancel (an effect a tenth of the others') it is several units, and then it agrees
+    to a few percent of itself."""
     data, bundle = fitted
     t = rank_unmeasured_pairs(bundle, sorted(set(data.labels)), refine=None)
-    diffs = [abs(r.interaction_score - predict_effect(bundle, r.pair).interaction_score) for r in t.itertuples()]
-    assert max(diffs) < 0.06, sorted(diffs)
+    off = [abs(r.interaction_score - predict_effect(bundle, r.pair).interaction_score) / max(1.0, r.interaction_score)
+           for r in t.itertuples()]
+    assert max(off) < 0.06, sorted(off)

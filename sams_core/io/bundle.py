@@ -257,17 +257,24 @@ def _partial_name(p: Path) -> str:
     return f".{p.name}.partial-"
 
 
+def _probe_name(p: Path) -> str:
+    return f".{p.name}.write-test-"
+
+
 def _remove_stale_partials(p: Path) -> None:
-    """Delete what interrupted saves to ``p`` left behind: ``.NAME.partial-PID-*`` siblings whose
-    process is gone, and the ``NAME.partial`` files of older versions."""
+    """Delete what interrupted saves to ``p`` left behind: ``.NAME.partial-PID-*`` siblings and
+    write probes ``.NAME.write-test-PID-*`` whose process is gone, and the ``NAME.partial`` files
+    of older versions."""
     parent = p.parent
     if not parent.is_dir():
         return
     legacy = parent / f"{p.name}.partial"
     candidates = [legacy] if os.path.lexists(legacy) else []
-    candidates += [c for c in parent.iterdir() if c.name.startswith(_partial_name(p)) or c.name.startswith(f".{p.name}.old-")]
+    with_pid = (_partial_name(p), _probe_name(p))
+    candidates += [c for c in parent.iterdir() if c.name.startswith((*with_pid, f".{p.name}.old-"))]
     for c in candidates:
-        pid = c.name[len(_partial_name(p)):].split("-")[0] if c.name.startswith(_partial_name(p)) else ""
+        prefix = next((w for w in with_pid if c.name.startswith(w)), None)
+        pid = c.name[len(prefix):].split("-")[0] if prefix else ""
         if pid.isdigit() and int(pid) != os.getpid() and _alive(int(pid)):
             continue  # another process is saving to the same path right now
         if c.is_dir() and not c.is_symlink():
@@ -320,7 +327,7 @@ def check_output(path: str | Path) -> Path:
     parent = p.absolute().parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
-        probe = parent / f".{p.name}.write-test-{os.getpid()}-{secrets.token_hex(3)}"
+        probe = parent / f"{_probe_name(p)}{os.getpid()}-{secrets.token_hex(3)}"
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as exc:
