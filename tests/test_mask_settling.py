@@ -40,9 +40,20 @@ def test_only_the_last_phase_counts():
     assert mask_settling_note(_history(counts, 1500, phases), 1500) is None
 
 
-def test_no_masks_or_too_short_a_phase_gives_no_warning():
+def test_no_masks_gives_no_warning():
     no_masks = [{"epoch": i, "phase": "final", "mask_frac_high": None} for i in range(1, 10)]
     assert mask_settling_note(no_masks, 0) is None
     assert mask_settling_note(no_masks, 100) is None
-    assert mask_settling_note(_history([10, 50, 90], 100), 100) is None  # 3 epochs in the phase
+
     assert mask_settling_note([], 100) is None
+
+
+def test_too_short_a_final_phase_is_said_to_be_too_short():
+    """A run whose last phase had fewer than 4 epochs cannot show settled masks: the note says so,
+    with the phase and its length, whether the masks moved or not."""
+    phases = ["warmup"] * 3 + ["sparsify"] * 4 + ["final"] * 2
+    for counts in ([40] * 9, [40] * 7 + [10, 90]):
+        note = mask_settling_note(_history(counts, 100, phases), 100)
+        assert note is not None and "too short" in note and "final phase had 2 epochs" in note
+    note = mask_settling_note(_history([10, 50, 90], 100), 100)
+    assert note is not None and "training had 3 epochs" in note

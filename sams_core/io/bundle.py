@@ -170,8 +170,10 @@ def mask_settling_note(history: Sequence[Mapping[str, Any]], n_entries: int) -> 
     P ≥ 0.5 changed by at least 2 and by at least 5 % over that half, the objective had not
     settled its masks: entries near the threshold may still change, and their number was still
     drifting. On the reference simulator at the published size this is what happens under the
-    paper's ELBO (``bench/mask_gains.py``). None for histories without masks or with fewer than 4
-    epochs in that phase.
+    paper's ELBO (``bench/mask_gains.py``). With fewer than 4 epochs in that phase the masks had no
+    time to settle (after SAMS-VAE's alignment they restart at probability 0.82, so a short run
+    shows nearly every mask on), and the warning says so. None for histories without masks, and
+    when the masks had settled.
     """
     recs = [r for r in history if r.get("mask_frac_high") is not None]
     if not recs or n_entries <= 0:
@@ -183,15 +185,20 @@ def mask_settling_note(history: Sequence[Mapping[str, Any]], n_entries: int) -> 
             break
         tail.append(r)
     tail.reverse()
+    phased = len(tail) < len(recs) and phase
     if len(tail) < 4:
-        return None
+        span = f"the {phase} phase had {len(tail)} epoch{'s' if len(tail) > 1 else ''}" if phased else f"training had {len(tail)} epoch{'s' if len(tail) > 1 else ''}"
+        restart = " (after the alignment every mask restarts at the same probability)" if phased else ""
+        return (
+            f"Training was too short for the masks to settle: {span}, fewer than the 4 it takes to tell settled masks "
+            f"from moving ones. Mask probabilities say little yet{restart}. Train for more epochs before reading masks."
+        )
     first, last = tail[len(tail) // 2], tail[-1]
     on_first = round(float(first["mask_frac_high"]) * n_entries)
     on_last = round(float(last["mask_frac_high"]) * n_entries)
     change = on_last - on_first
     if abs(change) < max(2, 0.05 * max(on_first, 1)):
         return None
-    phased = len(tail) < len(recs) and phase
     where = f"the second half of the {phase} phase" if phased else "the second half of training"
     return (
         f"The masks were still switching {'on' if change > 0 else 'off'} when training ended: {on_first:,} masks at "
