@@ -44,7 +44,6 @@ def test_no_masks_gives_no_warning():
     no_masks = [{"epoch": i, "phase": "final", "mask_frac_high": None} for i in range(1, 10)]
     assert mask_settling_note(no_masks, 0) is None
     assert mask_settling_note(no_masks, 100) is None
-
     assert mask_settling_note([], 100) is None
 
 

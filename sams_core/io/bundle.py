@@ -187,7 +187,8 @@ def mask_settling_note(history: Sequence[Mapping[str, Any]], n_entries: int) -> 
     tail.reverse()
     phased = len(tail) < len(recs) and phase
     if len(tail) < 4:
-        span = f"the {phase} phase had {len(tail)} epoch{'s' if len(tail) > 1 else ''}" if phased else f"training had {len(tail)} epoch{'s' if len(tail) > 1 else ''}"
+        epochs = f"{len(tail)} epoch{'s' if len(tail) > 1 else ''}"
+        span = f"the {phase} phase had {epochs}" if phased else f"training had {epochs}"
         restart = " (after the alignment every mask restarts at the same probability)" if phased else ""
         return (
             f"Training was too short for the masks to settle: {span}, fewer than the 4 it takes to tell settled masks "

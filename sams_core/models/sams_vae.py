@@ -257,7 +257,7 @@ class SAMSVAE(PerturbationModel):
         if self.guide == "mean-field":
             # E[m ⊙ e] = p ⊙ e: with the masks restarting at probability p, embeddings of 1/p × the
             # rotated expected shifts keep every perturbation's expected shift where it was
-            keep = 1.0 / torch.sigmoid(torch.tensor(float(mask_logit))).item() if self.use_masks and mask_logit is not None else 1.0
+            keep = 1.0 + math.exp(-float(mask_logit)) if self.use_masks and mask_logit is not None else 1.0  # 1 / sigmoid
             self.e_mean.copy_(table @ R * keep)
             self.e_log_std.fill_(-2.0)
         else:
@@ -288,7 +288,7 @@ class SAMSVAE(PerturbationModel):
             return False
         if epoch >= total_epochs:  # no training left to adapt to a new basis
             return False
-        self.align_units(self.align_mask_logit)
+        self.align_units()
         self.aligned = True
         n_sparsify = round(self.sparsify_for * total_epochs)
         if n_sparsify > 0 and epoch + n_sparsify < total_epochs:
@@ -316,7 +316,7 @@ class SAMSVAE(PerturbationModel):
         self.final_from_epoch = state.get("final_from_epoch")
 
     @torch.no_grad()
-    def align_units(self, mask_logit: float = 1.5) -> torch.Tensor:
+    def align_units(self, mask_logit: float | None = None) -> torch.Tensor:
         """Turn the latent basis to the one in which the perturbations' shifts are sparsest.
 
         The likelihood does not identify the basis (a rotated basal prior is the same prior); only
@@ -324,13 +324,13 @@ class SAMSVAE(PerturbationModel):
         weak a force for gradient descent to turn a basis learned with dense masks. This takes the
         step directly: the rotation in which the expected shift table (perturbations × units) is
         sparsest (:func:`sams_core.models.rotation.sparsest_rotation`), applied with
-        :meth:`rotate_units`; masks restart at ``mask_logit`` in the new basis. Returns the
-        rotation.
+        :meth:`rotate_units`; masks restart at ``mask_logit`` (default: the model's
+        ``align_mask_logit``) in the new basis. Returns the rotation.
         """
 
         table = torch.eye(self.n_perturbations, device=self.input_mean.device) @ self.expected_shift_table()
         R = sparsest_rotation(table.detach().cpu())
-        self.rotate_units(R, mask_logit)
+        self.rotate_units(R, self.align_mask_logit if mask_logit is None else mask_logit)
         return R
 
     # ---- local -----------------------------------------------------------------------
